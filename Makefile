@@ -10,7 +10,7 @@ OUTPUT_DIR ?= runs/eval
 install:
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install "$(TORCH_CPU)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,deepspeed]"  # DeepSpeed runs on the CPU too: the ZeRO-3 tests use it
 
 install-gpu:  # GPU machines: the default (CUDA) torch, DeepSpeed and vLLM
 	$(PYTHON) -m pip install -e ".[dev,deepspeed,vllm]"

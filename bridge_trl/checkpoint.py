@@ -6,6 +6,7 @@ Layout of a saved model directory (`save_model`, `push_to_hub`, every checkpoint
     <dir>/adapter/                           w, loadable with `PeftModel.from_pretrained(base, <dir>/adapter)`
     <dir>/merged/                            optional (`save_merged`): π(θ, w) as one plain model
     <dir>/bridge_state.pt                    checkpoints only: θ̂, extra optimizer states, counters
+                                             (ZeRO-3: bridge_state_rank{r}.pt, one per rank's shards)
 
 The adapter sits in a subfolder so that transformers' PEFT integration does not mistake the directory for an
 adapter-only checkpoint of the original hub model.
@@ -133,13 +134,22 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def save_trainer_extras(output_dir: str, state: dict) -> None:
-    """θ̂, the extra optimizers' states and the consumption counters, next to the Trainer's own files."""
-    torch.save(state, os.path.join(output_dir, EXTRAS_FILE))
+def _extras_path(directory: str, rank: int | None) -> str:
+    return os.path.join(
+        directory, EXTRAS_FILE if rank is None else EXTRAS_FILE.replace(".pt", f"_rank{rank}.pt")
+    )
 
 
-def load_trainer_extras(checkpoint: str) -> dict | None:
-    path = os.path.join(checkpoint, EXTRAS_FILE)
+def save_trainer_extras(output_dir: str, state: dict, rank: int | None = None) -> None:
+    """θ̂, the extra optimizers' states and the consumption counters, next to the Trainer's own files.
+
+    With `rank` (ZeRO-3, where θ̂ is sharded) each rank writes its own file, `bridge_state_rank{rank}.pt`.
+    """
+    torch.save(state, _extras_path(output_dir, rank))
+
+
+def load_trainer_extras(checkpoint: str, rank: int | None = None) -> dict | None:
+    path = _extras_path(checkpoint, rank)
     if not os.path.exists(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=True)

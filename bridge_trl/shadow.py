@@ -9,8 +9,9 @@ BRIDGE trains three sets of parameters (Algorithm 2):
 θ̂ never gets a model of its own. The live model's base parameters hold θ; `ShadowWeights.swapped_in()` exchanges
 their storage (and their `.grad`) with θ̂'s for the shadow's forward/backward, then exchanges them back. The swap
 moves pointers, not data: no copy, no second set of activations or buffers, and θ̂ has exactly θ's layout (dtype,
-device, and under ZeRO-3 the same partitioning, see DESIGN.md §5). Tied weights are one `Parameter`, so they stay
-tied in θ̂. θ̂ is held by plain `nn.Parameter`s so that a second optimizer keeps its own state for it.
+device). Tied weights are one `Parameter`, so they stay tied in θ̂. θ̂ is held by plain `nn.Parameter`s so that a
+second optimizer keeps its own state for it. Under DeepSpeed ZeRO-3, `bridge_trl.zero3.ZeroShadowWeights` does the
+same through the engine's per-rank shards.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
+
+from .zero3 import gathered
 
 
 def _tuner_prefix(model) -> str | None:
@@ -47,13 +50,20 @@ def split_parameters(model) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[
 
 
 def base_state_dict(model) -> dict[str, torch.Tensor]:
-    """The base weights keyed like the un-wrapped model's `state_dict()` (tied keys included), on the CPU."""
+    """The base weights keyed like the un-wrapped model's `state_dict()` (tied keys included), on the CPU.
+
+    Under ZeRO-3 each parameter is gathered in turn (collective), so no rank holds more than one full tensor.
+    """
     prefix = _tuner_prefix(model)
+    base = unwrapped_base(model)
+    params = dict(base.named_parameters(remove_duplicate=False))
     out = {}
-    for key, value in unwrapped_base(model).state_dict().items():
+    for key, value in base.state_dict().items():
         if prefix is not None and prefix in key:
             continue
-        out[key.replace(".base_layer", "")] = value.detach().to("cpu", copy=True)
+        source = params.get(key, value)
+        with gathered([source]):
+            out[key.replace(".base_layer", "")] = source.detach().to("cpu", copy=True)
     return out
 
 
@@ -61,7 +71,8 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapter w keyed like `peft.get_peft_model_state_dict`, on the CPU (empty without an adapter)."""
     if not isinstance(model, PeftModel):
         return {}
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    with gathered(p for _, p in split_parameters(model)[1]):  # w is small: gathered at once under ZeRO-3
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 class ShadowWeights:
@@ -145,6 +156,10 @@ class ShadowWeights:
                     p.grad.mul_(adapter_grad_scale)
                     if before is not None:
                         p.grad.add_(before)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip θ̂'s gradient (whole on every rank: DDP has averaged it) to `max_norm`; returns its norm."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
 
     def zero_grad(self) -> None:
         for p in self.params:

@@ -12,9 +12,10 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from accelerate.utils import DistributedType, is_peft_model
+from accelerate.utils import is_peft_model
 from peft import LoraConfig
 from trl import GRPOTrainer
+from trl.models.utils import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
 from .checkpoint import (
@@ -29,6 +30,7 @@ from .config import BridgeConfig
 from .methods import StepPlan, cold_start_switch, step_plan
 from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
 from .shadow import ShadowWeights, adapter_state_dict, base_state_dict, split_parameters
+from .zero3 import ZeroShadowWeights, gathered, is_zero3_param
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,14 @@ def peak_memory_mb(device: torch.device) -> float:
 # Keys of a prepared GRPO batch that describe the sampling policy π(θ, w); the shadow is scored against its own
 # detached log-probs instead (DESIGN.md §2), so they are dropped from its inputs.
 _SAMPLER_KEYS = ("old_per_token_logps", "importance_sampling_ratio", "sampling_per_token_logps")
+
+
+def _initial_reference(model, args: BridgeConfig):
+    """A frozen copy of θ⁰ for the KL term. A model partitioned at load (ZeRO-3) is reloaded, as TRL does."""
+    if not any(is_zero3_param(p) for p in model.parameters()):
+        return copy.deepcopy(model)
+    init_kwargs = {**(args.model_init_kwargs or {}), "device_map": None, "dtype": model.dtype}
+    return create_model_from_path(model.config._name_or_path, **init_kwargs)
 
 
 def default_peft_config() -> LoraConfig:
@@ -120,19 +130,14 @@ class BridgeTrainer(GRPOTrainer):
         # With the base trained, "adapter disabled" is no longer the initial policy: the KL reference is a frozen
         # copy of π(θ⁰, w⁰), taken before the (zero-initialised) adapter is attached. GRPOTrainer would reload
         # one from the model id instead, so it is built with β = 0 and given this copy afterwards.
-        reference = copy.deepcopy(model) if args.beta != 0.0 else None
+        reference = _initial_reference(model, args) if args.beta != 0.0 else None
         beta, args.beta = args.beta, 0.0
         try:
             super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset,
                              peft_config=peft_config, **kwargs)  # fmt: skip
         finally:
             args.beta = self.beta = beta
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # Under ZeRO-3/FSDP a parameter's `.data` is a placeholder for a shard that the engine owns, so θ̂ must
-            # be swapped through the engine's shard accessors (DESIGN.md §5), which is not implemented yet.
-            raise NotImplementedError(
-                "BridgeTrainer does not support DeepSpeed or FSDP yet; use DDP or one device."
-            )
+        self._check_backend()
         if reference is not None:
             self._set_reference_model(reference)
 
@@ -141,10 +146,10 @@ class BridgeTrainer(GRPOTrainer):
             param.requires_grad_(True)  # θ is trained in full, unlike plain LoRA fine-tuning
         if args.method == "bridge" and not adapter:
             raise ValueError("method='bridge' needs an adapter w; pass a LoRA `peft_config`.")
-        self.shadow = None
-        if args.method == "bridge":
+        self.shadow = self.shadow_optimizer = self.sft_optimizer = None
+        if args.method == "bridge" and not self.is_deepspeed_enabled:
             self.shadow = ShadowWeights(base, [p for _, p in adapter], offload=args.shadow_offload == "cpu")
-        self.shadow_optimizer = self.sft_optimizer = None
+        # Under ZeRO-3, θ̂ is built from the engine's shards once the engine exists (`_ensure_shadow`).
         self.sft_dataset = tokenize_sft_dataset(
             sft_dataset, self._tokenize_prompts, self._tokenizer, self.eos_token_ids, self.chat_template,
             self.chat_template_kwargs, args.max_sft_length,
@@ -154,9 +159,34 @@ class BridgeTrainer(GRPOTrainer):
         self._fused_sft = self.temperature == 1.0  # the fused LM head is bound to GRPO's sampling temperature
         self._step_sums = torch.zeros(4, dtype=torch.float64)  # sft, rl, shadow losses; rl tokens
         self.consumed = dict.fromkeys(("sft_samples", "sft_tokens", "rl_samples", "rl_tokens"), 0)
-        logger.info("%s: θ %d tensors, w %d tensors, θ̂ %.1f MB on this rank, %d SFT examples", args.method,
-                    len(base), len(adapter), self.shadow.num_bytes() / 2**20 if self.shadow else 0.0,
+        logger.info("%s: θ %d tensors, w %d tensors, %d SFT examples", args.method, len(base), len(adapter),
                     len(self.sft_dataset))  # fmt: skip
+
+    def _check_backend(self) -> None:
+        """DDP, one device, or DeepSpeed ZeRO-3 for BRIDGE (θ̂ is swapped through its shards, `bridge_trl.zero3`)."""
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "BridgeTrainer does not support FSDP; use DeepSpeed ZeRO-3, DDP or one device."
+            )
+        if not self.is_deepspeed_enabled:
+            return
+        plugin = self.accelerator.state.deepspeed_plugin
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        if self.args.method == "alternating":
+            raise NotImplementedError("method='alternating' needs a second optimizer on θ; it is not supported "
+                                      "under DeepSpeed. Use DDP.")  # fmt: skip
+        if self.args.method == "bridge":
+            if plugin.zero_stage != 3:
+                raise NotImplementedError(
+                    f"method='bridge' under DeepSpeed needs ZeRO stage 3 (θ̂ is partitioned like θ); got stage "
+                    f"{plugin.zero_stage}. Use configs/accelerate/zero3.yaml, or DDP."
+                )
+            if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+                raise NotImplementedError(
+                    "method='bridge' reads and writes the engine's gradient shards, which `offload_optimizer` moves "
+                    "off the device: set offload_optimizer_device: none (θ̂ can still live on the CPU with "
+                    "shadow_offload='cpu')."
+                )
 
     def _set_reference_model(self, reference) -> None:
         if self.args.disable_dropout:
@@ -165,7 +195,10 @@ class BridgeTrainer(GRPOTrainer):
             reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
         )
         reference.requires_grad_(False).eval()
-        self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
+        if self.is_deepspeed_enabled:
+            self.ref_model = prepare_deepspeed(reference, self.accelerator)
+        else:
+            self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
 
     # ------------------------------------------------------------------ Algorithm 2, one micro-batch
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -188,10 +221,13 @@ class BridgeTrainer(GRPOTrainer):
         # Line 5 & 12 & 14: the RL objective at (θ̂ᵏ, wᵏ), on the same rollouts. With θ̂ swapped in, the backward
         # accumulates g_θ̂ in θ̂'s gradient buffers, and its adapter part enters g_w with weight −λ.
         if plan.shadow:
+            self._ensure_shadow()
             shadow_inputs = {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
             with self.shadow.swapped_in(adapter_grad_scale=-lam), self._isolated_grpo_state():
                 shadow = self._weighted_backward(lambda: self.compute_loss(model, shadow_inputs), 1.0)
         # Line 10, 12, 14: the optimizers apply g_θ, g_w (Trainer) and g_θ̂ (`_after_optimizer_step`).
+        if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
+            self._deepspeed_step()
 
         rl_tokens = inputs["completion_mask"].sum() if plan.rl else torch.zeros((), device=sft.device)
         self._record(plan, lam, sft, rl, shadow, rl_tokens)
@@ -203,10 +239,19 @@ class BridgeTrainer(GRPOTrainer):
             self._current_train_step_time = 0.0
         return (plan.sft_weight * sft + plan.rl_weight * rl).to(self.args.device)
 
-    def _after_optimizer_step(self, optimizer, *_) -> None:
+    def _deepspeed_step(self) -> None:
+        """The engine's step (θ, w), once per optimizer step after all of the step's backwards, then θ̂'s."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        lr_factor = self._lr_factor()  # read before the engine steps the scheduler, as the step hook does
+        engine.set_gradient_accumulation_boundary(True)
+        engine.step()
+        self._after_optimizer_step(None, lr_factor=lr_factor)
+
+    def _after_optimizer_step(self, optimizer, *_, lr_factor: float | None = None) -> None:
         """Runs right after θ's (and w's) update: θ̂'s update (bridge), or the SFT update (alternating)."""
+        lr_factor = self._lr_factor() if lr_factor is None else lr_factor
         if self.shadow is not None:  # θ̂ ← opt_θ̂(g_θ̂), line 12, at θ's current learning rate α
-            norm = self._extra_step(self.shadow_optimizer, self.shadow.params)
+            norm = self._extra_step(self.shadow_optimizer, self.shadow.clip_grad_norm_, lr_factor)
             self._metrics["train"]["bridge/shadow_grad_norm"].append(norm)
             self.shadow.zero_grad()
         if self.step_plan().sft_after:  # Algorithm 1, lines 9-11: SFT at θ', the point the RL update reached
@@ -223,8 +268,9 @@ class BridgeTrainer(GRPOTrainer):
                     f"last saved checkpoint in {self.args.output_dir} is intact."
                 )
             params = [p for p in self.model.parameters() if p.requires_grad]
+            clip = lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
             self._metrics["train"]["bridge/sft_grad_norm"].append(
-                self._extra_step(self.sft_optimizer, params)
+                self._extra_step(self.sft_optimizer, clip, lr_factor)
             )
             self._metrics["train"]["bridge/sft_loss"].append(total)
             self.model.zero_grad(set_to_none=True)
@@ -246,17 +292,25 @@ class BridgeTrainer(GRPOTrainer):
         """Compute a loss and backpropagate `weight * loss`; with weight 0 the loss is only evaluated."""
         with torch.set_grad_enabled(weight != 0.0), self.compute_loss_context_manager():
             loss = compute()
-        if weight != 0.0:
-            deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-            self.accelerator.backward(weight * loss, **({"scale_wrt_gas": False} if deepspeed else {}))
+        if weight != 0.0 and self.is_deepspeed_enabled:
+            # A step has several backwards; the engine accumulates them all and steps once (`_deepspeed_step`).
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            engine.set_gradient_accumulation_boundary(False)
+            engine.backward(weight * loss, scale_wrt_gas=False)
+        elif weight != 0.0:
+            self.accelerator.backward(weight * loss)
         return loss.detach()  # losses are already scaled for gradient accumulation
 
-    def _extra_step(self, optimizer, params) -> float:
+    def _lr_factor(self) -> float:
+        """Where the learning-rate schedule stands: θ's current learning rate over its initial one."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group["initial_lr"]
+
+    def _extra_step(self, optimizer, clip_grad_norm, lr_factor: float) -> float:
         """Step θ̂'s or alternating's SFT optimizer like the main one: clipped, at the scheduled learning rate."""
-        factor = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["initial_lr"]
         for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+            group["lr"] = group["initial_lr"] * lr_factor
+        norm = clip_grad_norm(self.args.max_grad_norm or float("inf"))
         optimizer.step()
         return norm.item()
 
@@ -323,7 +377,7 @@ class BridgeTrainer(GRPOTrainer):
         if self.model.training:  # cumulative data consumption, so that methods can be compared per sample
             logs.update({f"bridge/{key}": float(value) for key, value in self.consumed.items()})
             logs["bridge/peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
-            if self.shadow is not None:
+            if self._ensure_shadow() is not None:
                 logs["bridge/shadow_mb"] = self.shadow.num_bytes(self.shadow_optimizer) / 2**20
         super().log(logs, start_time)
 
@@ -348,14 +402,33 @@ class BridgeTrainer(GRPOTrainer):
         base, adapter = split_parameters(self.model)
         args = self.args
         self.optimizer = make([(base, args.learning_rate), (adapter, args.adapter_learning_rate)])
+        self._make_optimizer = make
         if self.shadow is not None:
-            shadow_named = list(zip(self.shadow.names, self.shadow.params, strict=True))
-            stateless = {"cls": torch.optim.SGD, "kwargs": {}} if args.shadow_optimizer == "sgd" else {}
-            self.shadow_optimizer = make([(shadow_named, args.learning_rate)], **stateless)
+            self._build_shadow_optimizer()
         if args.method == "alternating":
             self.sft_optimizer = make([(base + adapter, args.sft_learning_rate)])
-        self.optimizer.register_step_post_hook(self._after_optimizer_step)
+        if (
+            not self.is_deepspeed_enabled
+        ):  # DeepSpeed steps its inner optimizer per shard group, see _deepspeed_step
+            self.optimizer.register_step_post_hook(self._after_optimizer_step)
         return self.optimizer
+
+    def _build_shadow_optimizer(self) -> None:
+        """θ̂'s optimizer: θ's class and hyper-parameters at lr α (`same`), or stateless SGD (`sgd`)."""
+        shadow_named = list(zip(self.shadow.names, self.shadow.params, strict=True))
+        stateless = {"cls": torch.optim.SGD, "kwargs": {}} if self.args.shadow_optimizer == "sgd" else {}
+        self.shadow_optimizer = self._make_optimizer([(shadow_named, self.args.learning_rate)], **stateless)
+
+    def _ensure_shadow(self):
+        """θ̂, built on first use under ZeRO-3: from the engine's fp32 shards of θ⁰, which exist once it is prepared."""
+        if self.shadow is None and self.args.method == "bridge" and self.is_deepspeed_enabled:
+            base, adapter = split_parameters(self._unwrapped())
+            self.shadow = ZeroShadowWeights(
+                base, [p for _, p in adapter], offload=self.args.shadow_offload == "cpu"
+            )
+            self._build_shadow_optimizer()
+            logger.info("θ̂: %.1f MB of shards on this rank", self.shadow.num_bytes() / 2**20)
+        return self.shadow
 
     # ------------------------------------------------------------------ state accessors and persistence
     def _unwrapped(self):
@@ -367,7 +440,7 @@ class BridgeTrainer(GRPOTrainer):
 
     def get_shadow_state_dict(self) -> dict[str, torch.Tensor]:
         """θ̂, keyed like the un-wrapped model's `state_dict()`, on the CPU (tied weights stay tied)."""
-        if self.shadow is None:
+        if self._ensure_shadow() is None:
             raise ValueError(f"method={self.args.method!r} has no shadow weights θ̂.")
         with self.shadow.swapped_in():
             return base_state_dict(self._unwrapped())
@@ -379,9 +452,13 @@ class BridgeTrainer(GRPOTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
         base_sd = self.get_base_state_dict()
-        if self.args.should_save:
-            save_policy(output_dir, self._unwrapped(), base_sd, self.processing_class, self.args.save_merged)
-            torch.save(self.args, f"{output_dir}/training_args.bin")
+        adapter = [p for _, p in split_parameters(self._unwrapped())[1]]
+        with gathered(adapter):  # w in full (ZeRO-3), for the adapter and merged files
+            if self.args.should_save:
+                save_policy(
+                    output_dir, self._unwrapped(), base_sd, self.processing_class, self.args.save_merged
+                )
+                torch.save(self.args, f"{output_dir}/training_args.bin")
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -402,23 +479,25 @@ class BridgeTrainer(GRPOTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
+        sharded = self.is_deepspeed_enabled  # each rank writes its own θ̂ shards
+        if self.args.should_save or sharded:
             extras = {"consumed": dict(self.consumed)}
-            if self.shadow is not None:
+            if self._ensure_shadow() is not None:
                 extras.update(
                     shadow=self.shadow.state_dict(), shadow_optimizer=self.shadow_optimizer.state_dict()
                 )
             if self.sft_optimizer is not None:
                 extras["sft_optimizer"] = self.sft_optimizer.state_dict()
-            save_trainer_extras(output_dir, extras)
+            save_trainer_extras(output_dir, extras, self.args.process_index if sharded else None)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        extras = load_trainer_extras(checkpoint) if checkpoint is not None else None
+        rank = self.args.process_index if self.is_deepspeed_enabled else None
+        extras = load_trainer_extras(checkpoint, rank) if checkpoint is not None else None
         if extras is None:
             return
         self.consumed.update(extras["consumed"])
-        if self.shadow is not None:
+        if self._ensure_shadow() is not None:
             self.shadow.load_state_dict(extras["shadow"])
             self.shadow_optimizer.load_state_dict(extras["shadow_optimizer"])
         if self.sft_optimizer is not None:

@@ -1,8 +1,14 @@
-"""Two processes (DDP over gloo, on the CPU) give the same θ, θ̂, w and metrics as one process with the same global batch."""
+"""Several processes give the same θ, θ̂, w and metrics as one process with the same global batch.
+
+DDP runs over gloo with torchrun; DeepSpeed ZeRO-3 runs on the CPU (`DS_ACCELERATOR=cpu`, gloo) with accelerate, with
+every parameter partitioned (no "persistent" ones) and gradient accumulation, so θ̂'s shards are swapped through
+the engine's gather/release path and its gradient shards across micro-batches.
+"""
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,38 +18,100 @@ import torch
 
 from .helpers import assert_dicts_close
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "run_bridge.py"
-KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/cooperative_gain", "reward")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "run_bridge.py"
+ZERO3_CONFIG = ROOT / "tests" / "configs" / "zero3_cpu.yaml"
+KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/cooperative_gain", "reward",
+        "bridge/shadow_grad_norm", "grad_norm", "bridge/sft_tokens", "bridge/rl_tokens")  # fmt: skip
 
 
-def launch(out: Path, processes: int) -> tuple:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
-    if processes == 1:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
+    """Run tests/scripts/run_bridge.py; returns (θ, θ̂, w) and the per-step logs."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1",
+           **env_overrides}  # fmt: skip
+    bin_dir = str(Path(sys.executable).parent)
+    if launcher == "python":
         command = [sys.executable, str(SCRIPT), str(out)]
-    else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    elif launcher == "ddp":
+        torchrun = shutil.which("torchrun", path=bin_dir) or "torchrun"
         command = [
             torchrun,
             "--nproc_per_node",
-            str(processes),
+            "2",
             "--master_port",
-            "29517",
+            str(_free_port()),
             str(SCRIPT),
             str(out),
         ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    else:  # zero3
+        env["DS_ACCELERATOR"] = "cpu"
+        accelerate = shutil.which("accelerate", path=bin_dir) or "accelerate"
+        command = [accelerate, "launch", "--config_file", str(ZERO3_CONFIG), "--main_process_port",
+                   str(_free_port()), str(SCRIPT), str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [h for h in json.loads((out / "log.json").read_text()) if "bridge/sft_loss" in h]
     return torch.load(out / "states.pt"), logs
 
 
-@pytest.mark.distributed
-def test_ddp_two_processes_match_one(tmp_path):
-    (one_states, one_logs), (two_states, two_logs) = launch(tmp_path / "one", 1), launch(tmp_path / "two", 2)
+def assert_runs_match(one, two, steps: int):
+    (one_states, one_logs), (two_states, two_logs) = one, two
     for a, b in zip(one_states, two_states, strict=True):
         assert_dicts_close(a, b, atol=1e-6, rtol=1e-5)
-    assert len(one_logs) == len(two_logs) == 2
+    assert len(one_logs) == len(two_logs) == steps
     for h1, h2 in zip(one_logs, two_logs, strict=True):
-        assert [h1[k] for k in KEYS] == pytest.approx([h2[k] for k in KEYS], abs=1e-6)
+        assert [h1[k] for k in KEYS] == pytest.approx([h2[k] for k in KEYS], abs=1e-5)
     theta, shadow = one_states[0], one_states[1]
     assert max((theta[k] - shadow[k]).abs().max() for k in theta) > 1e-4  # θ̂ took its own (RL-only) path
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("one") / "out")
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_match_one(one_process, tmp_path):
+    assert_runs_match(one_process, launch(tmp_path / "two", "ddp"), steps=2)
+
+
+@pytest.mark.distributed
+def test_zero3_two_processes_match_one(one_process, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    assert_runs_match(one_process, launch(out, "zero3", BRIDGE_TEST_GA="2"), steps=2)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["zero3"] > 0 and meta["persistent"] == 0  # really partitioned, gathered on use
+    # θ̂ is sharded: each rank's checkpoint-free footprint is about half of θ's fp32 size.
+    logs = json.loads((out / "log.json").read_text())
+    theta_mb = sum(v.numel() * 4 for v in one_process[0][0].values()) / 2**20
+    assert logs[0]["bridge/shadow_mb"] < 0.6 * theta_mb
+
+
+@pytest.mark.distributed
+def test_zero3_resume_is_exact(tmp_path):
+    """ZeRO-3 with AdamW: stop after step 1, resume from its checkpoint (per-rank θ̂ shards and optimizer states)."""
+    pytest.importorskip("deepspeed")
+    env = {"BRIDGE_TEST_GA": "2", "BRIDGE_TEST_OPTIM": "adamw_torch", "BRIDGE_TEST_SAVE": "1",
+           "BRIDGE_TEST_MAX_STEPS": "3"}  # fmt: skip
+    full_states, full_logs = launch(tmp_path / "full", "zero3", **env)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", resumed_dir / "checkpoint-1")
+    assert sorted(p.name for p in (resumed_dir / "checkpoint-1").glob("bridge_state_rank*.pt")) == [
+        "bridge_state_rank0.pt",
+        "bridge_state_rank1.pt",
+    ]
+    resumed_states, resumed_logs = launch(resumed_dir, "zero3", BRIDGE_TEST_RESUME="1", **env)
+    for a, b in zip(full_states, resumed_states, strict=True):
+        assert_dicts_close(a, b, atol=0, rtol=0)
+    assert json.loads((resumed_dir / "meta.json").read_text())["steps_run"] == 2  # it did resume
+    assert len(resumed_logs) == 3  # step 1 restored from the checkpoint's history, steps 2-3 trained again
+    for h1, h2 in zip(full_logs, resumed_logs, strict=True):
+        assert [h1[k] for k in KEYS] == [h2[k] for k in KEYS]

@@ -1,4 +1,9 @@
-"""A tiny BRIDGE run for the multi-process tests: `python run_bridge.py OUT` or `torchrun --nproc_per_node 2 ...`.
+"""A tiny BRIDGE run for the multi-process tests: `python run_bridge.py OUT`, `torchrun --nproc_per_node 2 ...` or
+`accelerate launch --config_file tests/configs/zero3_cpu.yaml ...` (DeepSpeed ZeRO-3 on the CPU).
+
+Environment: BRIDGE_TEST_MAX_STEPS (2), BRIDGE_TEST_GA (gradient accumulation, 1; the global batch stays the same),
+BRIDGE_TEST_OPTIM (sgd), BRIDGE_TEST_SAVE (checkpoint every step), BRIDGE_TEST_RESUME (resume from the last
+complete checkpoint), BRIDGE_TEST_STALL_AT (hang inside that step's save).
 
 Rollouts come from a deterministic `rollout_func` (a function of the prompt text and the sample's index), so one
 process and two processes train on exactly the same completions and their results can be compared.
@@ -13,6 +18,7 @@ import zlib
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from bridge_trl import BridgeConfig, BridgeTrainer
 from bridge_trl.tiny import build_tiny_model, build_tokenizer
@@ -50,8 +56,18 @@ class StallingTrainer(BridgeTrainer):
             time.sleep(600)
 
 
+class CountSteps(TrainerCallback):
+    """Counts the optimizer steps this process ran (a resumed run runs only the remaining ones)."""
+
+    steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        CountSteps.steps += 1
+
+
 def main(out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = int(os.environ.get("BRIDGE_TEST_GA", "1"))
     tokenizer = build_tokenizer()
     rl = Dataset.from_dict({"prompt": [f"{i}+{i + 1}=" for i in range(32)]})
     sft = Dataset.from_dict(
@@ -61,15 +77,16 @@ def main(out: str) -> None:
         }
     )
     args = BridgeConfig(
-        output_dir=out, per_device_train_batch_size=GLOBAL_COMPLETIONS // world, num_generations=NUM_GENERATIONS,
-        max_completion_length=LENGTH, per_device_sft_batch_size=GLOBAL_SFT // world, max_steps=int(os.environ.get("BRIDGE_TEST_MAX_STEPS", "2")), optim="sgd",
+        output_dir=out, per_device_train_batch_size=GLOBAL_COMPLETIONS // world // accumulation,
+        gradient_accumulation_steps=accumulation, num_generations=NUM_GENERATIONS, max_completion_length=LENGTH,
+        per_device_sft_batch_size=GLOBAL_SFT // world // accumulation, max_steps=int(os.environ.get("BRIDGE_TEST_MAX_STEPS", "2")), optim=os.environ.get("BRIDGE_TEST_OPTIM", "sgd"),
         learning_rate=0.1, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True,
         bf16=False, report_to="none", save_strategy="steps" if "BRIDGE_TEST_SAVE" in os.environ else "no", save_steps=1, logging_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = StallingTrainer(
         build_tiny_model(tokenizer), reward, args=args, train_dataset=rl, sft_dataset=sft, processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
-        rollout_func=deterministic_rollouts,
+        rollout_func=deterministic_rollouts, callbacks=[CountSteps()],
     )  # fmt: skip
     assert trainer.accelerator.num_processes == world
     trainer.train(resume_from_checkpoint=True if "BRIDGE_TEST_RESUME" in os.environ else None)
@@ -78,6 +95,15 @@ def main(out: str) -> None:
         torch.save(states, os.path.join(out, "states.pt"))
         with open(os.path.join(out, "log.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
+        # How the run was partitioned: ZeRO-3 parameters that stay gathered outside forward ("persistent").
+        params = list(trainer.model.parameters())
+        meta = {
+            "steps_run": CountSteps.steps,
+            "zero3": sum(hasattr(p, "ds_id") for p in params),
+            "persistent": sum(getattr(p, "ds_persist", False) for p in params),
+        }
+        with open(os.path.join(out, "meta.json"), "w") as f:
+            json.dump(meta, f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""θ̂ under DeepSpeed ZeRO-3: partitioned like θ and swapped in through the engine's local shards (DESIGN.md §5).
+
+Under ZeRO-3 a parameter's `.data` is an empty placeholder. Each rank owns one flat shard of it (`param.ds_tensor`,
+compute dtype), the optimizer's fp32 master of that shard, and the shard of its reduced gradient. The engine
+gathers full weights layer by layer inside forward/backward and reduce-scatters gradients into the shards.
+
+`ZeroShadowWeights` keeps θ̂ as this rank's fp32 shard of every base parameter (the same layout as θ's fp32
+master), so θ̂ and its optimizer state are partitioned exactly like θ's and no rank ever holds a full copy of θ̂
+(except inside `BridgeTrainer.get_shadow_state_dict`, which gathers one tensor at a time). For the shadow's pass:
+
+- the shards: θ̂ (cast to the compute dtype) is copied into `ds_tensor`, and θ's shard is copied back afterwards;
+  any gathered (persistent or cached) full copies are released and re-gathered, so the engine sees θ̂;
+- the gradients: the engine accumulates every backward of a step into the same gradient shards, so θ's shards are
+  set aside (and zeroed) before the shadow's backward; afterwards the shards hold g_θ̂, which is moved to θ̂'s
+  gradient, and θ's are restored. w's shards get `before + c · (shadow's ∇_w)`, c = −λ (Eq. 11).
+
+Only the public per-rank accessors of `deepspeed.utils` are used (`safe_{get,set}_local_grad`,
+`safe_get_local_fp32_param`). They need the ZeRO optimizer's gradient shards on the device, so the optimizer
+must not be offloaded (`offload_optimizer`); θ̂ itself may live in CPU memory (`shadow_offload="cpu"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextmanager
+def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Gather ZeRO-3 parameters in full for the block (collective: every rank must enter); a no-op otherwise."""
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+def _release(params: list[nn.Parameter]) -> None:
+    """Free any gathered full copy, so that the next use gathers the shards as they are now."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    available = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+    if available:
+        available[0].partition(param_list=available)
+
+
+def _regather_persistent(params: list[nn.Parameter]) -> None:
+    """Small ("persistent") parameters are expected gathered outside forward, as the engine does after a step."""
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].all_gather(param_list=persistent)
+    optimizer = getattr(params[0], "_z3_optimizer", None)
+    if hasattr(optimizer, "invalidate_secondary_tensor"):  # ZeRO++ hpZ keeps a second copy of the shards
+        optimizer.invalidate_secondary_tensor()
+
+
+class ZeroShadowWeights:
+    """θ̂ as this rank's ZeRO-3 shards; the same interface as `bridge_trl.shadow.ShadowWeights`.
+
+    Args:
+        base_params: the model's base parameters θ (name, parameter), partitioned by an initialised ZeRO-3 engine.
+        adapter_params: the adapter parameters w.
+        offload: keep θ̂ (its shards, their gradient and its optimizer state) in CPU memory between uses.
+    """
+
+    def __init__(self, base_params: list[tuple[str, nn.Parameter]], adapter_params: list[nn.Parameter],
+                 offload: bool = False):  # fmt: skip
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self.names = [name for name, _ in base_params]
+        self.live = [param for _, param in base_params]
+        if not all(is_zero3_param(p) for p in self.live):
+            raise ValueError("ZeroShadowWeights needs parameters partitioned by a ZeRO-3 engine.")
+        self.offload = offload
+        self.device = self.live[0].ds_tensor.device
+        # θ̂⁰ = θ⁰ (Algorithm 2, line 1): a copy of this rank's fp32 master shard, flat, shape (partition numel,).
+        self.params = [
+            nn.Parameter(self._home(safe_get_local_fp32_param(p).detach().float().clone().view(-1)))
+            for p in self.live
+        ]
+        self.adapter = adapter_params
+        self.active = False
+
+    def _home(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.offload:
+            return tensor
+        tensor = tensor.to("cpu")
+        return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+    def _write_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Put `shards` in the engine's `ds_tensor`s and return what they held."""
+        _release(self.live)
+        previous = []
+        with torch.no_grad():
+            for live, shard in zip(self.live, shards, strict=True):
+                previous.append(live.ds_tensor.detach().clone())
+                live.ds_tensor.copy_(shard.view(-1).to(live.ds_tensor.device, live.ds_tensor.dtype))
+        _regather_persistent(self.live)
+        return previous
+
+    @contextmanager
+    def swapped_in(self, adapter_grad_scale: float | None = None) -> Iterator[None]:
+        """Run the block with the engine's base shards holding θ̂ (and its gradient shards collecting θ̂'s gradient).
+
+        Collective: every rank must enter. `adapter_grad_scale` as in `ShadowWeights.swapped_in`.
+        """
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        if self.active:
+            raise RuntimeError("The shadow weights are already swapped in.")
+        track = adapter_grad_scale is not None
+        if track:  # set aside the step's g_θ and joint g_w so far; the shadow's backward starts from zero
+            theta_grads = [safe_get_local_grad(p).clone() for p in self.live]
+            adapter_grads = [safe_get_local_grad(p).clone() for p in self.adapter]
+            for p, g in zip(self.live + self.adapter, theta_grads + adapter_grads, strict=True):
+                safe_set_local_grad(p, torch.zeros_like(g))
+        theta_shards = self._write_shards([p.detach() for p in self.params])
+        self.active = True
+        try:
+            yield
+        finally:
+            self._write_shards(theta_shards)
+            self.active = False
+            if track:
+                for live, shadow, before in zip(self.live, self.params, theta_grads, strict=True):
+                    grad = safe_get_local_grad(live).to(shadow.device, copy=True)  # (partition numel,), g_θ̂
+                    shadow.grad = grad if shadow.grad is None else shadow.grad.add_(grad)
+                    safe_set_local_grad(live, before)
+                for p, before in zip(self.adapter, adapter_grads, strict=True):
+                    safe_set_local_grad(p, before.add_(safe_get_local_grad(p), alpha=adapter_grad_scale))
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over θ̂'s gradient, whose shards are spread over the ranks (collective)."""
+        import deepspeed.comm as dist
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        squares = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for g in grads:
+            squares += g.to(self.device).float().pow(2).sum()
+        dist.all_reduce(squares, group=self.live[0].ds_process_group)
+        norm = squares.sqrt()[0].cpu()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+        return norm
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def num_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Bytes held by θ̂ on this rank (its shards), plus `optimizer`'s state for them when given."""
+        total = sum(p.numel() * p.element_size() for p in self.params)
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        return total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's θ̂ shards by parameter name, for per-rank checkpoint files."""
+        return {
+            name: p.detach().to("cpu", copy=True) for name, p in zip(self.names, self.params, strict=True)
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(
+                f"Shadow checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}."
+            )
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params, strict=True):
+                if state[name].shape != p.shape:
+                    raise ValueError(
+                        f"Shadow shard {name!r} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}: "
+                        "resume with the same number of processes."
+                    )
+                p.copy_(state[name].to(p.device))
