@@ -23,7 +23,8 @@ from peft import PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from .shadow import unwrapped_base
+from .shadow import adapter_state_dict, base_state_dict, split_parameters, unwrapped_base
+from .zero3 import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +154,84 @@ def load_trainer_extras(checkpoint: str, rank: int | None = None) -> dict | None
     if not os.path.exists(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class BridgeCheckpointMixin:
+    """`BridgeTrainer`'s state accessors and checkpoint hooks: θ, w and θ̂ in saved models and checkpoints.
+
+    Hooks overridden: `save_model` (θ plus adapter, gathered under ZeRO-3), `train` (resumes only from complete
+    checkpoints), `_load_from_checkpoint`, `_save_optimizer_and_scheduler` and `_load_optimizer_and_scheduler` (θ̂,
+    the extra optimizers and the consumption counters; one file per rank under ZeRO-3, where θ̂ is sharded).
+    """
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def get_base_state_dict(self) -> dict[str, torch.Tensor]:
+        """θ, keyed like the un-wrapped model's `state_dict()`, on the CPU."""
+        return base_state_dict(self._unwrapped())
+
+    def get_shadow_state_dict(self) -> dict[str, torch.Tensor]:
+        """θ̂, keyed like the un-wrapped model's `state_dict()`, on the CPU (tied weights stay tied)."""
+        if self._ensure_shadow() is None:
+            raise ValueError(f"method={self.args.method!r} has no shadow weights θ̂.")
+        with self.shadow.swapped_in():
+            return base_state_dict(self._unwrapped())
+
+    def get_adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """w, keyed like `peft.get_peft_model_state_dict`, on the CPU (empty without an adapter)."""
+        return adapter_state_dict(self._unwrapped())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        base_sd = self.get_base_state_dict()
+        adapter = [p for _, p in split_parameters(self._unwrapped())[1]]
+        with gathered(adapter):  # w in full (ZeRO-3), for the adapter and merged files
+            if self.args.should_save:
+                save_policy(
+                    output_dir, self._unwrapped(), base_sd, self.processing_class, self.args.save_merged
+                )
+                torch.save(self.args, f"{output_dir}/training_args.bin")
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints (a save cut short by a kill is skipped)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is incomplete (no valid trainer_state.json): pick an earlier one."
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_policy(resume_from_checkpoint, self._unwrapped())
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        sharded = self.is_deepspeed_enabled  # each rank writes its own θ̂ shards
+        if self.args.should_save or sharded:
+            extras = {"consumed": dict(self.consumed)}
+            if self._ensure_shadow() is not None:
+                extras.update(
+                    shadow=self.shadow.state_dict(), shadow_optimizer=self.shadow_optimizer.state_dict()
+                )
+            if self.sft_optimizer is not None:
+                extras["sft_optimizer"] = self.sft_optimizer.state_dict()
+            save_trainer_extras(output_dir, extras, self.args.process_index if sharded else None)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        rank = self.args.process_index if self.is_deepspeed_enabled else None
+        extras = load_trainer_extras(checkpoint, rank) if checkpoint is not None else None
+        if extras is None:
+            return
+        self.consumed.update(extras["consumed"])
+        if self._ensure_shadow() is not None:
+            self.shadow.load_state_dict(extras["shadow"])
+            self.shadow_optimizer.load_state_dict(extras["shadow_optimizer"])
+        if self.sft_optimizer is not None:
+            self.sft_optimizer.load_state_dict(extras["sft_optimizer"])

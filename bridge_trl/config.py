@@ -10,7 +10,7 @@ from trl import GRPOConfig
 from .methods import METHODS
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
-SHADOW_ROLLOUTS = ("shared",)
+SHADOW_ROLLOUTS = ("shared", "own")
 
 
 @dataclass
@@ -102,7 +102,9 @@ class BridgeConfig(GRPOConfig):
         default="shared",
         metadata={
             "help": "Rollouts the shadow θ̂ is scored on. 'shared': the rollouts sampled from π(θ, w) for the joint "
-            "update, so one generation per step (the paper's later version)."
+            "update, so one generation per step (the paper's later version). 'own': θ̂ samples its own rollouts "
+            "from π(θ̂, w), an exact on-policy J_RL(θ̂, w) at twice the generation cost (with vLLM, π(θ̂, w) is "
+            "synced to the engine for it)."
         },
     )
     shadow_offload: str = field(
@@ -164,8 +166,7 @@ class BridgeConfig(GRPOConfig):
             raise ValueError(f"`max_sft_length` must be >= 2 or None, got {self.max_sft_length}.")
         if self.shadow_rollouts not in SHADOW_ROLLOUTS:
             raise ValueError(
-                f"`shadow_rollouts` must be one of {SHADOW_ROLLOUTS}, got {self.shadow_rollouts!r} "
-                "('own', where θ̂ generates its own rollouts, is not implemented yet)."
+                f"`shadow_rollouts` must be one of {SHADOW_ROLLOUTS}, got {self.shadow_rollouts!r}."
             )
         if self.shadow_offload not in ("none", "cpu"):
             raise ValueError(f"`shadow_offload` must be 'none' or 'cpu', got {self.shadow_offload!r}.")

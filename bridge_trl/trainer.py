@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import resource
@@ -18,19 +17,14 @@ from trl import GRPOTrainer
 from trl.models.utils import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
-from .checkpoint import (
-    is_complete_checkpoint,
-    last_complete_checkpoint,
-    load_policy,
-    load_trainer_extras,
-    save_policy,
-    save_trainer_extras,
-)
+from .checkpoint import BridgeCheckpointMixin
 from .config import BridgeConfig
+from .gain import GainMeter
 from .methods import StepPlan, cold_start_switch, step_plan
 from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
-from .shadow import ShadowWeights, adapter_state_dict, base_state_dict, split_parameters
-from .zero3 import ZeroShadowWeights, gathered, is_zero3_param
+from .shadow import ShadowWeights, split_parameters
+from .vllm_sync import install_vllm_sync
+from .zero3 import ZeroShadowWeights, check_backend, initial_reference
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +41,6 @@ def peak_memory_mb(device: torch.device) -> float:
 _SAMPLER_KEYS = ("old_per_token_logps", "importance_sampling_ratio", "sampling_per_token_logps")
 
 
-def _initial_reference(model, args: BridgeConfig):
-    """A frozen copy of θ⁰ for the KL term. A model partitioned at load (ZeRO-3) is reloaded, as TRL does."""
-    if not any(is_zero3_param(p) for p in model.parameters()):
-        return copy.deepcopy(model)
-    init_kwargs = {**(args.model_init_kwargs or {}), "device_map": None, "dtype": model.dtype}
-    return create_model_from_path(model.config._name_or_path, **init_kwargs)
-
-
 def default_peft_config() -> LoraConfig:
     """The paper's adapter: LoRA with r = α = 16 on every linear layer."""
     return LoraConfig(
@@ -62,7 +48,7 @@ def default_peft_config() -> LoraConfig:
     )
 
 
-class BridgeTrainer(GRPOTrainer):
+class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
     """
     Trainer for BRIDGE: cooperative SFT and RL by bilevel optimisation (https://huggingface.co/papers/2509.06948).
 
@@ -130,14 +116,16 @@ class BridgeTrainer(GRPOTrainer):
         # With the base trained, "adapter disabled" is no longer the initial policy: the KL reference is a frozen
         # copy of π(θ⁰, w⁰), taken before the (zero-initialised) adapter is attached. GRPOTrainer would reload
         # one from the model id instead, so it is built with β = 0 and given this copy afterwards.
-        reference = _initial_reference(model, args) if args.beta != 0.0 else None
+        reference = initial_reference(model, args.model_init_kwargs) if args.beta != 0.0 else None
         beta, args.beta = args.beta, 0.0
         try:
             super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset,
                              peft_config=peft_config, **kwargs)  # fmt: skip
         finally:
             args.beta = self.beta = beta
-        self._check_backend()
+        check_backend(self.args.method, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
+        if self.use_vllm:  # push π(θ, w) = θ with w merged, out of place, one tensor at a time (`bridge_trl.vllm_sync`)
+            install_vllm_sync(self.vllm_generation, self.model)
         if reference is not None:
             self._set_reference_model(reference)
 
@@ -158,35 +146,10 @@ class BridgeTrainer(GRPOTrainer):
                                     args.gradient_accumulation_steps, self._tokenizer.pad_token_id)  # fmt: skip
         self._fused_sft = self.temperature == 1.0  # the fused LM head is bound to GRPO's sampling temperature
         self._step_sums = torch.zeros(4, dtype=torch.float64)  # sft, rl, shadow losses; rl tokens
+        self.gain, self._shadow_buffer = GainMeter(), None  # cooperative gain; θ̂'s rollouts ('own')
         self.consumed = dict.fromkeys(("sft_samples", "sft_tokens", "rl_samples", "rl_tokens"), 0)
         logger.info("%s: θ %d tensors, w %d tensors, %d SFT examples", args.method, len(base), len(adapter),
                     len(self.sft_dataset))  # fmt: skip
-
-    def _check_backend(self) -> None:
-        """DDP, one device, or DeepSpeed ZeRO-3 for BRIDGE (θ̂ is swapped through its shards, `bridge_trl.zero3`)."""
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "BridgeTrainer does not support FSDP; use DeepSpeed ZeRO-3, DDP or one device."
-            )
-        if not self.is_deepspeed_enabled:
-            return
-        plugin = self.accelerator.state.deepspeed_plugin
-        zero = plugin.deepspeed_config.get("zero_optimization", {})
-        if self.args.method == "alternating":
-            raise NotImplementedError("method='alternating' needs a second optimizer on θ; it is not supported "
-                                      "under DeepSpeed. Use DDP.")  # fmt: skip
-        if self.args.method == "bridge":
-            if plugin.zero_stage != 3:
-                raise NotImplementedError(
-                    f"method='bridge' under DeepSpeed needs ZeRO stage 3 (θ̂ is partitioned like θ); got stage "
-                    f"{plugin.zero_stage}. Use configs/accelerate/zero3.yaml, or DDP."
-                )
-            if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
-                raise NotImplementedError(
-                    "method='bridge' reads and writes the engine's gradient shards, which `offload_optimizer` moves "
-                    "off the device: set offload_optimizer_device: none (θ̂ can still live on the CPU with "
-                    "shadow_offload='cpu')."
-                )
 
     def _set_reference_model(self, reference) -> None:
         if self.args.disable_dropout:
@@ -207,8 +170,9 @@ class BridgeTrainer(GRPOTrainer):
         plan, lam = self.step_plan(), self.current_lambda()
         micro = self._step % self.args.gradient_accumulation_steps
         sft = rl = shadow = torch.zeros((), device=self.accelerator.device)
-        if plan.rl:
-            inputs = self._prepare_inputs(inputs)  # GRPO: rollouts from π(θᵏ, wᵏ), rewards, group advantages
+        if plan.rl:  # GRPO: rollouts from π(θᵏ, wᵏ), rewards, group advantages
+            raw_inputs, rewards_before = inputs, len(self._metrics["train"]["reward"])
+            inputs = self._prepare_inputs(inputs)
 
         # Line 5 & 7: the joint objective at (θᵏ, wᵏ), (1-λ) L_SFT + λ L_RL. Its backward gives g_θ and the joint
         # part of g_w. The two terms are backpropagated one at a time so that only one graph is alive at once.
@@ -216,15 +180,25 @@ class BridgeTrainer(GRPOTrainer):
             batch = self._sft_micro_batch(micro)
             sft = self._weighted_backward(lambda: sft_loss(model, batch, self._fused_sft), plan.sft_weight)
         if plan.rl:
-            rl = self._weighted_backward(lambda: self.compute_loss(model, inputs), plan.rl_weight)
+            with self.gain.capture(self, "joint"):
+                rl = self._weighted_backward(lambda: self.compute_loss(model, inputs), plan.rl_weight)
 
-        # Line 5 & 12 & 14: the RL objective at (θ̂ᵏ, wᵏ), on the same rollouts. With θ̂ swapped in, the backward
-        # accumulates g_θ̂ in θ̂'s gradient buffers, and its adapter part enters g_w with weight −λ.
+        # Line 5 & 12 & 14: the RL objective at (θ̂ᵏ, wᵏ), on the same rollouts (or θ̂'s own). With θ̂ swapped in,
+        # the backward accumulates g_θ̂ in θ̂'s gradient buffers, and its adapter part enters g_w with weight −λ.
         if plan.shadow:
             self._ensure_shadow()
-            shadow_inputs = {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
-            with self.shadow.swapped_in(adapter_grad_scale=-lam), self._isolated_grpo_state():
-                shadow = self._weighted_backward(lambda: self.compute_loss(model, shadow_inputs), 1.0)
+            with (
+                self.shadow.swapped_in(adapter_grad_scale=-lam),
+                self._isolated_grpo_state() as shadow_metrics,
+            ):
+                shadow_inputs = self._shadow_inputs(raw_inputs, inputs)
+                with self.gain.capture(self, "shadow"):
+                    shadow = self._weighted_backward(lambda: self.compute_loss(model, shadow_inputs), 1.0)
+            if self.args.shadow_rollouts == "own":
+                joint_rewards = self._metrics["train"]["reward"][rewards_before:]
+                self.gain.add_rewards(joint_rewards, shadow_metrics["train"]["reward"])
+            else:
+                self.gain.add_shared(inputs)
         # Line 10, 12, 14: the optimizers apply g_θ, g_w (Trainer) and g_θ̂ (`_after_optimizer_step`).
         if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
             self._deepspeed_step()
@@ -326,17 +300,40 @@ class BridgeTrainer(GRPOTrainer):
         self.consumed["sft_samples"] += len(self.sft_stream.step_positions(self.state.global_step, world))
         self.consumed["sft_tokens"] += self.sft_stream.step_tokens(self.state.global_step, world)
 
+    def _shadow_inputs(self, raw_inputs, inputs):
+        """The batch L_RL(θ̂, w) is computed on (DESIGN.md §2), with θ̂ swapped in.
+
+        'shared': the joint step's rollouts, scored against θ̂'s own detached log-probs. 'own': rollouts sampled
+        from π(θ̂, w), generated, scored and buffered exactly like GRPO's own (a second generation per step).
+        """
+        if self.args.shadow_rollouts == "shared":
+            return {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
+        joint_buffer, self._buffered_inputs = self._buffered_inputs, self._shadow_buffer
+        self._last_loaded_step = (
+            -1
+        )  # vLLM: push π(θ̂, w) now, and π(θ, w) again before the next joint generation
+        try:
+            return self._prepare_inputs(raw_inputs)
+        finally:
+            self._shadow_buffer, self._buffered_inputs = self._buffered_inputs, joint_buffer
+            self._last_loaded_step = -1
+
     @contextmanager
     def _isolated_grpo_state(self):
-        """Keep the shadow's pass out of GRPO's metrics (kl, entropy, clip ratios) and entropy controller."""
-        saved_metrics = self._metrics
+        """Keep the shadow's pass out of GRPO's metrics, completion logs and entropy controller; yields its metrics."""
+        saved_metrics, saved_logs = self._metrics, self._logs
         saved = {k: getattr(self, k) for k in ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
                  if hasattr(self, k)}  # fmt: skip
+        tokens_seen = (
+            self.state.num_input_tokens_seen
+        )  # 'own': θ̂'s rollouts are extra compute, not extra data
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._logs = {k: defaultdict(list) if isinstance(v, dict) else [] for k, v in saved_logs.items()}
         try:
-            yield
+            yield self._metrics
         finally:
-            self._metrics = saved_metrics
+            self._metrics, self._logs = saved_metrics, saved_logs
+            self.state.num_input_tokens_seen = tokens_seen
             for key, value in saved.items():
                 setattr(self, key, value)
 
@@ -368,7 +365,8 @@ class BridgeTrainer(GRPOTrainer):
             self.consumed["rl_tokens"] += round(rl_tokens_v * self.accelerator.num_processes)
         if plan.shadow:
             metrics["bridge/shadow_rl_loss"].append(shadow_v)
-            metrics["bridge/cooperative_gain"].append(shadow_v - rl_v)  # J_RL(θ,w) − J_RL(θ̂,w)
+            for key, value in self.gain.result(self.accelerator, self.args.shadow_rollouts == "own").items():
+                metrics[key].append(value)  # J_RL(θ,w) − J_RL(θ̂,w), `bridge_trl.gain`
         if self.args.method in ("bridge", "mix"):
             metrics["bridge/lambda"].append(lam)
         self._step_sums.zero_()
@@ -429,76 +427,3 @@ class BridgeTrainer(GRPOTrainer):
             self._build_shadow_optimizer()
             logger.info("θ̂: %.1f MB of shards on this rank", self.shadow.num_bytes() / 2**20)
         return self.shadow
-
-    # ------------------------------------------------------------------ state accessors and persistence
-    def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    def get_base_state_dict(self) -> dict[str, torch.Tensor]:
-        """θ, keyed like the un-wrapped model's `state_dict()`, on the CPU."""
-        return base_state_dict(self._unwrapped())
-
-    def get_shadow_state_dict(self) -> dict[str, torch.Tensor]:
-        """θ̂, keyed like the un-wrapped model's `state_dict()`, on the CPU (tied weights stay tied)."""
-        if self._ensure_shadow() is None:
-            raise ValueError(f"method={self.args.method!r} has no shadow weights θ̂.")
-        with self.shadow.swapped_in():
-            return base_state_dict(self._unwrapped())
-
-    def get_adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """w, keyed like `peft.get_peft_model_state_dict`, on the CPU (empty without an adapter)."""
-        return adapter_state_dict(self._unwrapped())
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        output_dir = output_dir or self.args.output_dir
-        base_sd = self.get_base_state_dict()
-        adapter = [p for _, p in split_parameters(self._unwrapped())[1]]
-        with gathered(adapter):  # w in full (ZeRO-3), for the adapter and merged files
-            if self.args.should_save:
-                save_policy(
-                    output_dir, self._unwrapped(), base_sd, self.processing_class, self.args.save_merged
-                )
-                torch.save(self.args, f"{output_dir}/training_args.bin")
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from complete checkpoints (a save cut short by a kill is skipped)."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
-        elif resume_from_checkpoint and not is_complete_checkpoint(resume_from_checkpoint):
-            raise ValueError(
-                f"{resume_from_checkpoint} is incomplete (no valid trainer_state.json): pick an earlier one."
-            )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        load_policy(resume_from_checkpoint, self._unwrapped())
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
-        sharded = self.is_deepspeed_enabled  # each rank writes its own θ̂ shards
-        if self.args.should_save or sharded:
-            extras = {"consumed": dict(self.consumed)}
-            if self._ensure_shadow() is not None:
-                extras.update(
-                    shadow=self.shadow.state_dict(), shadow_optimizer=self.shadow_optimizer.state_dict()
-                )
-            if self.sft_optimizer is not None:
-                extras["sft_optimizer"] = self.sft_optimizer.state_dict()
-            save_trainer_extras(output_dir, extras, self.args.process_index if sharded else None)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        rank = self.args.process_index if self.is_deepspeed_enabled else None
-        extras = load_trainer_extras(checkpoint, rank) if checkpoint is not None else None
-        if extras is None:
-            return
-        self.consumed.update(extras["consumed"])
-        if self._ensure_shadow() is not None:
-            self.shadow.load_state_dict(extras["shadow"])
-            self.shadow_optimizer.load_state_dict(extras["shadow_optimizer"])
-        if self.sft_optimizer is not None:
-            self.sft_optimizer.load_state_dict(extras["sft_optimizer"])

@@ -21,11 +21,13 @@ must not be offloaded (`offload_optimizer`); θ̂ itself may live in CPU memory 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from trl.trainer.utils import create_model_from_path
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:
@@ -43,6 +45,42 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params):
         yield
+
+
+def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool) -> None:
+    """BRIDGE runs on one device, DDP or DeepSpeed ZeRO-3; say clearly what else is not supported, and why."""
+    if fsdp:
+        raise NotImplementedError(
+            "BridgeTrainer does not support FSDP; use DeepSpeed ZeRO-3, DDP or one device."
+        )
+    if not deepspeed:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    if method == "alternating":
+        raise NotImplementedError(
+            "method='alternating' needs a second optimizer on θ; it is not supported under DeepSpeed. Use DDP."
+        )
+    if method != "bridge":
+        return
+    if plugin.zero_stage != 3:
+        raise NotImplementedError(
+            f"method='bridge' under DeepSpeed needs ZeRO stage 3 (θ̂ is partitioned like θ); got stage "
+            f"{plugin.zero_stage}. Use configs/accelerate/zero3.yaml, or DDP."
+        )
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device", "none") not in ("none", None):
+        raise NotImplementedError(
+            "method='bridge' reads and writes the engine's gradient shards, which `offload_optimizer` moves off "
+            "the device: set offload_optimizer_device: none (θ̂ can still live on the CPU: shadow_offload='cpu')."
+        )
+
+
+def initial_reference(model: nn.Module, model_init_kwargs: dict | None) -> nn.Module:
+    """A frozen copy of θ⁰ for the KL term. A model partitioned at load (ZeRO-3) is reloaded instead, as TRL does."""
+    if not any(is_zero3_param(p) for p in model.parameters()):
+        return copy.deepcopy(model)
+    init_kwargs = {**(model_init_kwargs or {}), "device_map": None, "dtype": model.dtype}
+    return create_model_from_path(model.config._name_or_path, **init_kwargs)
 
 
 def _release(params: list[nn.Parameter]) -> None:

@@ -96,10 +96,11 @@ def test_zero3_two_processes_match_one(one_process, tmp_path):
 
 @pytest.mark.distributed
 def test_zero3_resume_is_exact(tmp_path):
-    """ZeRO-3 with AdamW: stop after step 1, resume from its checkpoint (per-rank θ̂ shards and optimizer states)."""
+    """ZeRO-3 with AdamW and θ̂'s own rollouts: stop after step 1, resume from its checkpoint (per-rank θ̂ shards
+    and optimizer states), and end where the uninterrupted run ends."""
     pytest.importorskip("deepspeed")
     env = {"BRIDGE_TEST_GA": "2", "BRIDGE_TEST_OPTIM": "adamw_torch", "BRIDGE_TEST_SAVE": "1",
-           "BRIDGE_TEST_MAX_STEPS": "3"}  # fmt: skip
+           "BRIDGE_TEST_MAX_STEPS": "3", "BRIDGE_TEST_SHADOW_ROLLOUTS": "own"}  # fmt: skip
     full_states, full_logs = launch(tmp_path / "full", "zero3", **env)
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
