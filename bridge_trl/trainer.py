@@ -124,7 +124,7 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         finally:
             args.beta = self.beta = beta
         check_backend(self.args.method, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
-        if self.use_vllm:  # push π(θ, w) = θ with w merged, out of place, one tensor at a time (`bridge_trl.vllm_sync`)
+        if self.use_vllm:  # vLLM gets π(θ, w): θ with w merged, out of place, one tensor at a time
             install_vllm_sync(self.vllm_generation, self.model)
         if reference is not None:
             self._set_reference_model(reference)
