@@ -83,24 +83,11 @@ def run_one(method: str, hidden: int, length: int, steps: int, queue) -> None:
     )
     backward = trainer._weighted_backward
 
-    calls = {"n": 0}  # within a micro-step, BRIDGE and mix backpropagate L_SFT first, then L_RL
-
-    def classified_backward(compute, weight):
-        if trainer.shadow is not None and trainer.shadow.active:
-            key = "shadow_fwd_bwd"
-        else:
-            key = "sft_fwd_bwd" if trainer.step_plan().sft and calls["n"] == 0 else "rl_fwd_bwd"
-            calls["n"] += 1
-        return timed(inner, key, backward)(compute, weight)
+    def classified_backward(compute, weight, kind=""):
+        key = {"sft": "sft_fwd_bwd", "rl": "rl_fwd_bwd", "shadow": "shadow_fwd_bwd"}[kind]
+        return timed(inner, key, backward)(compute, weight, kind)
 
     trainer._weighted_backward = classified_backward
-    step = trainer.training_step
-
-    def training_step(*a, **k):
-        calls["n"] = 0
-        return step(*a, **k)
-
-    trainer.training_step = training_step
     if trainer.shadow is not None:
         trainer.shadow._exchange = timed(inner, "shadow_swap", trainer.shadow._exchange)
         trainer._extra_step = timed(inner, "shadow_optimizer", trainer._extra_step)
@@ -200,9 +187,10 @@ def main():
                 f"| {r['params'] / 1e6:.2f}M | {r['length']} | {m} | {x['step_s']:.3f} | {phases} | {x['peak_mb']:.0f} |"
             )
     print(
-        "\n| params | length | time bridge/rl | peak memory bridge/rl | extra compute s | bookkeeping s | bookkeeping / extra compute |"
+        "\n| params | length | time bridge/rl | peak memory bridge/rl | extra compute s | adapter s | bookkeeping s "
+        "| bookkeeping / extra compute |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['params'] / 1e6:.2f}M | {r['length']} | {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} | "
               f"{r['extra_compute_s']:.3f} | {r['adapter_s']:.3f} | {r['bookkeeping_s']:.3f} | {r['bookkeeping_over_extra_compute']:.1%} |")  # fmt: skip

@@ -31,6 +31,13 @@ class StepPlan:
     shadow: bool = False  # BRIDGE: the RL pass at (θ̂, w), θ̂'s update and the cooperative-gain term of g_w
     sft_after: bool = False  # alternating: a second update, on L_SFT at the point the RL update reached
 
+    @property
+    def last_backward(self) -> str:
+        """The micro-step's last backward ('shadow', 'rl' or 'sft'): DeepSpeed's accumulation boundary."""
+        if self.shadow:
+            return "shadow"
+        return "rl" if self.rl and self.rl_weight != 0.0 else "sft"
+
 
 def cold_start_switch(sft_steps: int | None, sft_ratio: float, max_steps: int) -> int:
     """First optimizer step of cold start's RL phase."""

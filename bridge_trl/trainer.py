@@ -178,10 +178,12 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         # part of g_w. The two terms are backpropagated one at a time so that only one graph is alive at once.
         if plan.sft:
             batch = self._sft_micro_batch(micro)
-            sft = self._weighted_backward(lambda: sft_loss(model, batch, self._fused_sft), plan.sft_weight)
+            sft = self._weighted_backward(
+                lambda: sft_loss(model, batch, self._fused_sft), plan.sft_weight, "sft"
+            )
         if plan.rl:
             with self.gain.capture(self, "joint"):
-                rl = self._weighted_backward(lambda: self.compute_loss(model, inputs), plan.rl_weight)
+                rl = self._weighted_backward(lambda: self.compute_loss(model, inputs), plan.rl_weight, "rl")
 
         # Line 5 & 12 & 14: the RL objective at (θ̂ᵏ, wᵏ), on the same rollouts (or θ̂'s own). With θ̂ swapped in,
         # the backward accumulates g_θ̂ in θ̂'s gradient buffers, and its adapter part enters g_w with weight −λ.
@@ -193,7 +195,9 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
             ):
                 shadow_inputs = self._shadow_inputs(raw_inputs, inputs)
                 with self.gain.capture(self, "shadow"):
-                    shadow = self._weighted_backward(lambda: self.compute_loss(model, shadow_inputs), 1.0)
+                    shadow = self._weighted_backward(
+                        lambda: self.compute_loss(model, shadow_inputs), 1.0, "shadow"
+                    )
             if self.args.shadow_rollouts == "own":
                 joint_rewards = self._metrics["train"]["reward"][rewards_before:]
                 self.gain.add_rewards(joint_rewards, shadow_metrics["train"]["reward"])
@@ -262,14 +266,16 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         """λ(k) at the current optimizer step k."""
         return self.args.lambda_at(self.state.global_step, max(1, self.state.max_steps))
 
-    def _weighted_backward(self, compute, weight: float) -> torch.Tensor:
+    def _weighted_backward(self, compute, weight: float, kind: str = "") -> torch.Tensor:
         """Compute a loss and backpropagate `weight * loss`; with weight 0 the loss is only evaluated."""
         with torch.set_grad_enabled(weight != 0.0), self.compute_loss_context_manager():
             loss = compute()
         if weight != 0.0 and self.is_deepspeed_enabled:
-            # A step has several backwards; the engine accumulates them all and steps once (`_deepspeed_step`).
+            # A step has several backwards; the engine accumulates them all and steps once (`_deepspeed_step`),
+            # after the one DeepSpeed is told is the last.
             engine = self.accelerator.deepspeed_engine_wrapped.engine
-            engine.set_gradient_accumulation_boundary(False)
+            last = self.accelerator.sync_gradients and kind == self.step_plan().last_backward
+            engine.set_gradient_accumulation_boundary(last)  # ZeRO-1/2 reduce the step's gradients at its end
             engine.backward(weight * loss, scale_wrt_gas=False)
         elif weight != 0.0:
             self.accelerator.backward(weight * loss)

@@ -1,11 +1,13 @@
 """λ schedules, SFT data formats, and the clear errors on bad input."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset
 
 from bridge_trl import BridgeConfig
+from bridge_trl.zero3 import check_backend
 
 from .helpers import make_config, make_trainer
 
@@ -128,3 +130,24 @@ def test_plain_sft_completion_gets_eos_and_truncation(tmp_path, make_model, toke
     ]
     short = make_trainer(tmp_path / "t", make_model(), tokenizer, rl_dataset, data, max_sft_length=7)
     assert short.sft_dataset[0]["completion_ids"] == row["completion_ids"][:3]
+
+
+@pytest.mark.parametrize(
+    ("method", "stage", "offload", "match"),
+    [
+        ("bridge", 2, "none", "ZeRO stage 3"),
+        ("bridge", 3, "cpu", "offload_optimizer"),
+        ("alternating", 3, "none", "alternating"),
+    ],
+)
+def test_unsupported_deepspeed_setups_are_refused(method, stage, offload, match):
+    plugin = SimpleNamespace(zero_stage=stage,
+                             deepspeed_config={"zero_optimization": {"offload_optimizer": {"device": offload}}})  # fmt: skip
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    with pytest.raises(NotImplementedError, match=match):
+        check_backend(method, accelerator, deepspeed=True, fsdp=False)
+    check_backend(
+        "mix", accelerator, deepspeed=True, fsdp=False
+    )  # baselines other than alternating run anywhere
+    if stage == 3 and offload == "none":
+        check_backend("bridge", accelerator, deepspeed=True, fsdp=False)

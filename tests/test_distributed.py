@@ -20,7 +20,7 @@ from .helpers import assert_dicts_close
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "run_bridge.py"
-ZERO3_CONFIG = ROOT / "tests" / "configs" / "zero3_cpu.yaml"
+CONFIGS = ROOT / "tests" / "configs"
 KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/cooperative_gain", "reward",
         "bridge/shadow_grad_norm", "grad_norm", "bridge/sft_tokens", "bridge/rl_tokens")  # fmt: skip
 
@@ -49,10 +49,11 @@ def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
             str(SCRIPT),
             str(out),
         ]
-    else:  # zero3
+    else:  # zero2, zero3
         env["DS_ACCELERATOR"] = "cpu"
         accelerate = shutil.which("accelerate", path=bin_dir) or "accelerate"
-        command = [accelerate, "launch", "--config_file", str(ZERO3_CONFIG), "--main_process_port",
+        config = CONFIGS / f"{launcher}_cpu.yaml"
+        command = [accelerate, "launch", "--config_file", str(config), "--main_process_port",
                    str(_free_port()), str(SCRIPT), str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,15 +61,16 @@ def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
     return torch.load(out / "states.pt"), logs
 
 
-def assert_runs_match(one, two, steps: int):
+def assert_runs_match(one, two, steps: int, keys=KEYS):
     (one_states, one_logs), (two_states, two_logs) = one, two
     for a, b in zip(one_states, two_states, strict=True):
         assert_dicts_close(a, b, atol=1e-6, rtol=1e-5)
     assert len(one_logs) == len(two_logs) == steps
     for h1, h2 in zip(one_logs, two_logs, strict=True):
-        assert [h1[k] for k in KEYS] == pytest.approx([h2[k] for k in KEYS], abs=1e-5)
+        assert [h1[k] for k in keys] == pytest.approx([h2[k] for k in keys], abs=1e-5)
     theta, shadow = one_states[0], one_states[1]
-    assert max((theta[k] - shadow[k]).abs().max() for k in theta) > 1e-4  # θ̂ took its own (RL-only) path
+    if shadow:
+        assert max((theta[k] - shadow[k]).abs().max() for k in theta) > 1e-4  # θ̂ took its own (RL-only) path
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,20 @@ def test_zero3_resume_is_exact(tmp_path):
     assert len(resumed_logs) == 3  # step 1 restored from the checkpoint's history, steps 2-3 trained again
     for h1, h2 in zip(full_logs, resumed_logs, strict=True):
         assert [h1[k] for k in KEYS] == [h2[k] for k in KEYS]
+
+
+@pytest.mark.distributed
+def test_zero2_baseline_two_processes_match_one(tmp_path):
+    """The baselines run through the same engine step under ZeRO-2 (`mix`: SFT and RL backwards, one step)."""
+    pytest.importorskip("deepspeed")
+    env = {"BRIDGE_TEST_METHOD": "mix"}
+    keys = (
+        "bridge/sft_loss",
+        "bridge/rl_loss",
+        "reward",
+        "grad_norm",
+        "bridge/sft_tokens",
+        "bridge/rl_tokens",
+    )
+    one = launch(tmp_path / "one", **env)
+    assert_runs_match(one, launch(tmp_path / "zero2", "zero2", BRIDGE_TEST_GA="2", **env), steps=2, keys=keys)

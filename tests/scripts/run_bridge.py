@@ -2,7 +2,7 @@
 `accelerate launch --config_file tests/configs/zero3_cpu.yaml ...` (DeepSpeed ZeRO-3 on the CPU).
 
 Environment: BRIDGE_TEST_MAX_STEPS (2), BRIDGE_TEST_GA (gradient accumulation, 1; the global batch stays the same),
-BRIDGE_TEST_OPTIM (sgd), BRIDGE_TEST_SHADOW_ROLLOUTS (shared), BRIDGE_TEST_SAVE (checkpoint every step), BRIDGE_TEST_RESUME (resume from the last
+BRIDGE_TEST_OPTIM (sgd), BRIDGE_TEST_SHADOW_ROLLOUTS (shared), BRIDGE_TEST_METHOD (bridge), BRIDGE_TEST_SAVE (checkpoint every step), BRIDGE_TEST_RESUME (resume from the last
 complete checkpoint), BRIDGE_TEST_STALL_AT (hang inside that step's save).
 
 Rollouts come from a deterministic `rollout_func` (a function of the prompt text and the sample's index), so one
@@ -68,6 +68,7 @@ class CountSteps(TrainerCallback):
 def main(out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = int(os.environ.get("BRIDGE_TEST_GA", "1"))
+    method = os.environ.get("BRIDGE_TEST_METHOD", "bridge")
     tokenizer = build_tokenizer()
     rl = Dataset.from_dict({"prompt": [f"{i}+{i + 1}=" for i in range(32)]})
     sft = Dataset.from_dict(
@@ -80,8 +81,8 @@ def main(out: str) -> None:
         output_dir=out, per_device_train_batch_size=GLOBAL_COMPLETIONS // world // accumulation,
         gradient_accumulation_steps=accumulation, num_generations=NUM_GENERATIONS, max_completion_length=LENGTH,
         per_device_sft_batch_size=GLOBAL_SFT // world // accumulation, max_steps=int(os.environ.get("BRIDGE_TEST_MAX_STEPS", "2")), optim=os.environ.get("BRIDGE_TEST_OPTIM", "sgd"),
-        shadow_rollouts=os.environ.get("BRIDGE_TEST_SHADOW_ROLLOUTS", "shared"),
-        learning_rate=0.1, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True,
+        shadow_rollouts=os.environ.get("BRIDGE_TEST_SHADOW_ROLLOUTS", "shared"), method=method,
+        learning_rate=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True,
         bf16=False, report_to="none", save_strategy="steps" if "BRIDGE_TEST_SAVE" in os.environ else "no", save_steps=1, logging_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = StallingTrainer(
@@ -91,7 +92,8 @@ def main(out: str) -> None:
     )  # fmt: skip
     assert trainer.accelerator.num_processes == world
     trainer.train(resume_from_checkpoint=True if "BRIDGE_TEST_RESUME" in os.environ else None)
-    states = trainer.get_base_state_dict(), trainer.get_shadow_state_dict(), trainer.get_adapter_state_dict()
+    shadow = trainer.get_shadow_state_dict() if method == "bridge" else {}
+    states = trainer.get_base_state_dict(), shadow, trainer.get_adapter_state_dict()
     if trainer.accelerator.is_main_process:
         torch.save(states, os.path.join(out, "states.pt"))
         with open(os.path.join(out, "log.json"), "w") as f:
