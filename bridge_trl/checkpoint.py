@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from .shadow import adapter_state_dict, base_state_dict, split_parameters, unwrapped_base
-from .zero3 import gathered
+from .zero import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ class BridgeCheckpointMixin:
     the extra optimizers and the consumption counters; one file per rank under ZeRO-3, where θ̂ is sharded).
     """
 
+    @property
+    def _zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
@@ -212,7 +216,7 @@ class BridgeCheckpointMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
-        sharded = self.is_deepspeed_enabled  # each rank writes its own θ̂ shards
+        sharded = self._zero3  # each rank writes its own θ̂ shards
         if self.args.should_save or sharded:
             extras = {"consumed": dict(self.consumed)}
             if self._ensure_shadow() is not None:
@@ -225,7 +229,7 @@ class BridgeCheckpointMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        rank = self.args.process_index if self.is_deepspeed_enabled else None
+        rank = self.args.process_index if self._zero3 else None
         extras = load_trainer_extras(checkpoint, rank) if checkpoint is not None else None
         if extras is None:
             return

@@ -31,10 +31,9 @@ class StepPlan:
     shadow: bool = False  # BRIDGE: the RL pass at (θ̂, w), θ̂'s update and the cooperative-gain term of g_w
     sft_after: bool = False  # alternating: a second update, on L_SFT at the point the RL update reached
 
-    @property
-    def last_backward(self) -> str:
-        """The micro-step's last backward ('shadow', 'rl' or 'sft'): DeepSpeed's accumulation boundary."""
-        if self.shadow:
+    def last_backward(self, shadow_through_engine: bool = True) -> str:
+        """The micro-step's last backward through DeepSpeed's engine ('shadow', 'rl' or 'sft'): its boundary."""
+        if self.shadow and shadow_through_engine:
             return "shadow"
         return "rl" if self.rl and self.rl_weight != 0.0 else "sft"
 

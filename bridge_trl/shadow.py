@@ -10,7 +10,7 @@ BRIDGE trains three sets of parameters (Algorithm 2):
 their storage (and their `.grad`) with θ̂'s for the shadow's forward/backward, then exchanges them back. The swap
 moves pointers, not data: no copy, no second set of activations or buffers, and θ̂ has exactly θ's layout (dtype,
 device). Tied weights are one `Parameter`, so they stay tied in θ̂. θ̂ is held by plain `nn.Parameter`s so that a
-second optimizer keeps its own state for it. Under DeepSpeed ZeRO-3, `bridge_trl.zero3.ZeroShadowWeights` does the
+second optimizer keeps its own state for it. Under DeepSpeed ZeRO-3, `bridge_trl.zero.ZeroShadowWeights` does the
 same through the engine's per-rank shards.
 """
 
@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
-from .zero3 import gathered
+from .zero import gathered
 
 
 def _tuner_prefix(model) -> str | None:

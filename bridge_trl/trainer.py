@@ -24,7 +24,7 @@ from .methods import StepPlan, cold_start_switch, step_plan
 from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
 from .shadow import ShadowWeights, split_parameters
 from .vllm_sync import install_vllm_sync
-from .zero3 import ZeroShadowWeights, check_backend, initial_reference
+from .zero import Zero2ShadowWeights, ZeroShadowWeights, check_backend, initial_reference
 
 logger = logging.getLogger(__name__)
 
@@ -194,10 +194,12 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
                 self._isolated_grpo_state() as shadow_metrics,
             ):
                 shadow_inputs = self._shadow_inputs(raw_inputs, inputs)
+                shadow_model = (
+                    self.model if self._shadow_bypasses_engine else model
+                )  # ZeRO-1/2, `bridge_trl.zero`
                 with self.gain.capture(self, "shadow"):
-                    shadow = self._weighted_backward(
-                        lambda: self.compute_loss(model, shadow_inputs), 1.0, "shadow"
-                    )
+                    compute = lambda: self.compute_loss(shadow_model, shadow_inputs)  # noqa: E731
+                    shadow = self._weighted_backward(compute, 1.0, "shadow")
             if self.args.shadow_rollouts == "own":
                 joint_rewards = self._metrics["train"]["reward"][rewards_before:]
                 self.gain.add_rewards(joint_rewards, shadow_metrics["train"]["reward"])
@@ -221,6 +223,8 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         """The engine's step (θ, w), once per optimizer step after all of the step's backwards, then θ̂'s."""
         engine = self.accelerator.deepspeed_engine_wrapped.engine
         lr_factor = self._lr_factor()  # read before the engine steps the scheduler, as the step hook does
+        if self._shadow_bypasses_engine:
+            self.shadow.reduce_and_inject()  # ZeRO-1/2: g_θ̂ and the shadow's share of g_w, reduced over ranks
         engine.set_gradient_accumulation_boundary(True)
         engine.step()
         self._after_optimizer_step(None, lr_factor=lr_factor)
@@ -270,11 +274,14 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         """Compute a loss and backpropagate `weight * loss`; with weight 0 the loss is only evaluated."""
         with torch.set_grad_enabled(weight != 0.0), self.compute_loss_context_manager():
             loss = compute()
-        if weight != 0.0 and self.is_deepspeed_enabled:
+        if weight != 0.0 and kind == "shadow" and self._shadow_bypasses_engine:
+            self.shadow.backward(weight * loss)
+        elif weight != 0.0 and self.is_deepspeed_enabled:
             # A step has several backwards; the engine accumulates them all and steps once (`_deepspeed_step`),
             # after the one DeepSpeed is told is the last.
             engine = self.accelerator.deepspeed_engine_wrapped.engine
-            last = self.accelerator.sync_gradients and kind == self.step_plan().last_backward
+            last_kind = self.step_plan().last_backward(not self._shadow_bypasses_engine)
+            last = self.accelerator.sync_gradients and kind == last_kind
             engine.set_gradient_accumulation_boundary(last)  # ZeRO-1/2 reduce the step's gradients at its end
             engine.backward(weight * loss, scale_wrt_gas=False)
         elif weight != 0.0:
@@ -417,6 +424,11 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
             self.optimizer.register_step_post_hook(self._after_optimizer_step)
         return self.optimizer
 
+    @property
+    def _shadow_bypasses_engine(self) -> bool:
+        """ZeRO-1/2: the shadow's pass runs on the bare module, outside the engine's gradient hooks."""
+        return isinstance(self.shadow, Zero2ShadowWeights)
+
     def _build_shadow_optimizer(self) -> None:
         """θ̂'s optimizer: θ's class and hyper-parameters at lr α (`same`), or stateless SGD (`sgd`)."""
         shadow_named = list(zip(self.shadow.names, self.shadow.params, strict=True))
@@ -427,9 +439,9 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         """θ̂, built on first use under ZeRO-3: from the engine's fp32 shards of θ⁰, which exist once it is prepared."""
         if self.shadow is None and self.args.method == "bridge" and self.is_deepspeed_enabled:
             base, adapter = split_parameters(self._unwrapped())
-            self.shadow = ZeroShadowWeights(
-                base, [p for _, p in adapter], offload=self.args.shadow_offload == "cpu"
-            )
+            stage3 = self.accelerator.state.deepspeed_plugin.zero_stage == 3
+            shadow_cls = ZeroShadowWeights if stage3 else Zero2ShadowWeights
+            self.shadow = shadow_cls(base, [p for _, p in adapter], offload=self.args.shadow_offload == "cpu")
             self._build_shadow_optimizer()
             logger.info("θ̂: %.1f MB of shards on this rank", self.shadow.num_bytes() / 2**20)
         return self.shadow

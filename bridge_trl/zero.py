@@ -1,4 +1,6 @@
-"""θ̂ under DeepSpeed ZeRO-3: partitioned like θ and swapped in through the engine's local shards (DESIGN.md §5).
+"""θ̂ under DeepSpeed: ZeRO-3 (`ZeroShadowWeights`) and ZeRO-1/2 (`Zero2ShadowWeights`), DESIGN.md §5.
+
+ZeRO-3: θ̂ is partitioned like θ and swapped in through the engine's local shards.
 
 Under ZeRO-3 a parameter's `.data` is an empty placeholder. Each rank owns one flat shard of it (`param.ds_tensor`,
 compute dtype), the optimizer's fp32 master of that shard, and the shard of its reduced gradient. The engine
@@ -47,6 +49,19 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
         yield
 
 
+def _dp_average(tensors: list[torch.Tensor], group) -> None:
+    """Average tensors in place over the data-parallel group (one flat all-reduce)."""
+    import deepspeed.comm as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool) -> None:
     """BRIDGE runs on one device, DDP or DeepSpeed ZeRO-3; say clearly what else is not supported, and why."""
     if fsdp:
@@ -62,16 +77,11 @@ def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool) -> None
         )
     if method != "bridge":
         return
-    if plugin.zero_stage != 3:
-        raise NotImplementedError(
-            f"method='bridge' under DeepSpeed needs ZeRO stage 3 (θ̂ is partitioned like θ); got stage "
-            f"{plugin.zero_stage}. Use configs/accelerate/zero3.yaml, or DDP."
-        )
     offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
     if offload.get("device", "none") not in ("none", None):
         raise NotImplementedError(
-            "method='bridge' reads and writes the engine's gradient shards, which `offload_optimizer` moves off "
-            "the device: set offload_optimizer_device: none (θ̂ can still live on the CPU: shadow_offload='cpu')."
+            "method='bridge' reads and writes the engine's gradients, which `offload_optimizer` moves off the "
+            "device: set offload_optimizer_device: none (θ̂ can still live on the CPU: shadow_offload='cpu')."
         )
 
 
@@ -224,3 +234,88 @@ class ZeroShadowWeights:
                         "resume with the same number of processes."
                     )
                 p.copy_(state[name].to(p.device))
+
+
+class Zero2ShadowWeights:
+    """θ̂ under ZeRO-1/2, where every rank holds θ whole (in the compute dtype) and its optimizer state is sharded.
+
+    θ̂ is kept whole too, as an fp32 master with its own optimizer (like θ's bf16 copy, it is not partitioned; use
+    `shadow_offload="cpu"` or `shadow_optimizer="sgd"` to keep it off the device or stateless). ZeRO-2 reduces each
+    parameter's gradient from a hook that fires when autograd accumulates it into `.grad`, and keeps the reduced
+    shards internally until the step. So the shadow's pass stays outside the engine:
+
+    - forward on the bare module with θ̂ (cast to the compute dtype) in the base parameters' `.data`;
+    - backward with `torch.autograd.grad`, which returns gradients without accumulating them, so no hook fires;
+      g_θ̂ and the shadow's ∇_w are accumulated locally over the step's micro-batches;
+    - at the step (`reduce_and_inject`), both are averaged over the ranks, and c·∇_w (c = −λ, Eq. 11) is added to
+      w's reduced gradient through DeepSpeed's `safe_{get,set}_full_grad`, before the engine steps.
+    """
+
+    def __init__(self, base_params: list[tuple[str, nn.Parameter]], adapter_params: list[nn.Parameter],
+                 offload: bool = False):  # fmt: skip
+        self.names = [name for name, _ in base_params]
+        self.live = [param for _, param in base_params]
+        self.offload = offload
+        home = "cpu" if offload else self.live[0].device
+        # θ̂⁰ = θ⁰ (Algorithm 2, line 1), as an fp32 master.
+        self.params = [nn.Parameter(p.detach().to(home, torch.float32, copy=True)) for p in self.live]
+        self.adapter = adapter_params
+        self.adapter_grads: list[torch.Tensor | None] = [None] * len(adapter_params)
+        self.adapter_grad_scale = 0.0
+        self.active = False
+        self._stash: list[torch.Tensor] = []
+
+    @contextmanager
+    def swapped_in(self, adapter_grad_scale: float | None = None) -> Iterator[None]:
+        """Run the block with the base parameters holding θ̂; call `backward` for the shadow's loss inside it."""
+        if self.active:
+            raise RuntimeError("The shadow weights are already swapped in.")
+        if adapter_grad_scale is not None:
+            self.adapter_grad_scale = adapter_grad_scale
+        self._stash = [live.data for live in self.live]
+        for live, shadow in zip(self.live, self.params, strict=True):
+            live.data = shadow.detach().to(live.device, live.dtype)
+        self.active = True
+        try:
+            yield
+        finally:
+            for live, data in zip(self.live, self._stash, strict=True):
+                live.data = data
+            self._stash, self.active = [], False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ∇_θ̂ and ∇_w of the shadow's loss locally, without the engine's gradient hooks."""
+        grads = torch.autograd.grad(loss, self.live + self.adapter, allow_unused=True)
+        for shadow, g in zip(self.params, grads[: len(self.live)], strict=True):
+            if g is not None:
+                g = g.to(shadow.device, torch.float32)
+                shadow.grad = g if shadow.grad is None else shadow.grad.add_(g)
+        for i, g in enumerate(grads[len(self.live) :]):
+            if g is not None:
+                g = g.float()
+                self.adapter_grads[i] = g if self.adapter_grads[i] is None else self.adapter_grads[i].add_(g)
+
+    def reduce_and_inject(self) -> None:
+        """At the step (collective): average g_θ̂ and the shadow's ∇_w over the ranks; add c·∇_w to w's gradient."""
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        group = getattr(self.live[0], "_dp_group", None)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            _dp_average(grads, group)
+        pairs = [(p, g) for p, g in zip(self.adapter, self.adapter_grads, strict=True) if g is not None]
+        if pairs:
+            _dp_average([g for _, g in pairs], group)
+            for p, g in pairs:
+                joint = safe_get_full_grad(p)  # w's reduced joint gradient, (1-λ)∇L_SFT + λ∇L_RL
+                safe_set_full_grad(p, joint + self.adapter_grad_scale * g.to(joint.device, joint.dtype))
+        self.adapter_grads = [None] * len(self.adapter)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """θ̂'s gradient is whole and identical on every rank after `reduce_and_inject`."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    zero_grad = ZeroShadowWeights.zero_grad
+    num_bytes = ZeroShadowWeights.num_bytes
+    state_dict = ZeroShadowWeights.state_dict
+    load_state_dict = ZeroShadowWeights.load_state_dict
