@@ -21,10 +21,11 @@ from .checkpoint import BridgeCheckpointMixin
 from .config import BridgeConfig
 from .gain import GainMeter
 from .methods import StepPlan, cold_start_switch, step_plan
+from .optim import BridgeOptimizersMixin
 from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
 from .shadow import ShadowWeights, split_parameters
 from .vllm_sync import install_vllm_sync
-from .zero import Zero2ShadowWeights, ZeroShadowWeights, check_backend, initial_reference
+from .zero import check_backend, initial_reference
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def default_peft_config() -> LoraConfig:
     )
 
 
-class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
+class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
     """
     Trainer for BRIDGE: cooperative SFT and RL by bilevel optimisation (https://huggingface.co/papers/2509.06948).
 
@@ -60,15 +61,17 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
 
     θ are the model's weights (trained in full), w a LoRA adapter (`peft_config`, default r = α = 16 on all linear
     layers) and θ̂ a shadow copy of θ trained by RL only, swapped into the model's parameters for its pass
-    (`bridge_trl.shadow`). L_RL is GRPO's loss on the step's rollouts, sampled once from π(θ, w) and shared by θ̂.
+    (`bridge_trl.shadow`; under DeepSpeed `bridge_trl.zero`). L_RL is GRPO's loss on the step's rollouts, sampled
+    once from π(θ, w) and shared by θ̂ (or, with `shadow_rollouts="own"`, sampled by θ̂ from π(θ̂, w)).
 
     `method` also runs the paper's baselines from the same loop, data and budget (`bridge_trl.methods`): `mix`,
     `alternating`, `rl`, `sft` and `cold_start`. They train θ only, with no adapter unless `peft_config` is given.
 
-    Hooks overridden, everything else is GRPOTrainer's: `training_step` (Algorithm 2), `create_optimizer` (α/β
-    groups, θ̂'s optimizer, alternating's SFT optimizer), `log` (data consumed), `save_model` (θ plus adapter),
-    and `_load_from_checkpoint`, `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` (θ̂ and the
-    extra optimizers in checkpoints).
+    Hooks overridden, everything else is GRPOTrainer's: `training_step` (Algorithm 2) and `log` (data consumed)
+    here; `create_optimizer` (α/β groups, θ̂'s optimizer, alternating's SFT optimizer) in `bridge_trl.optim`;
+    `save_model` (θ plus adapter), `train` (complete checkpoints only), `_load_from_checkpoint`,
+    `_save_optimizer_and_scheduler` and `_load_optimizer_and_scheduler` (θ̂ and the extra optimizers) in
+    `bridge_trl.checkpoint`. With `use_vllm`, the weights synced to vLLM are π(θ, w) (`bridge_trl.vllm_sync`).
 
     Args:
         sft_dataset: (prompt, reasoning trace + answer) pairs in TRL's SFT formats: `prompt`/`completion` (strings,
@@ -137,7 +140,8 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
         self.shadow = self.shadow_optimizer = self.sft_optimizer = None
         if args.method == "bridge" and not self.is_deepspeed_enabled:
             self.shadow = ShadowWeights(base, [p for _, p in adapter], offload=args.shadow_offload == "cpu")
-        # Under ZeRO-3, θ̂ is built from the engine's shards once the engine exists (`_ensure_shadow`).
+            self._log_shadow_size()
+        # Under DeepSpeed, θ̂ is built from the engine's state once the engine exists (`_ensure_shadow`).
         self.sft_dataset = tokenize_sft_dataset(
             sft_dataset, self._tokenize_prompts, self._tokenizer, self.eos_token_ids, self.chat_template,
             self.chat_template_kwargs, args.max_sft_length,
@@ -219,16 +223,6 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
             self._current_train_step_time = 0.0
         return (plan.sft_weight * sft + plan.rl_weight * rl).to(self.args.device)
 
-    def _deepspeed_step(self) -> None:
-        """The engine's step (θ, w), once per optimizer step after all of the step's backwards, then θ̂'s."""
-        engine = self.accelerator.deepspeed_engine_wrapped.engine
-        lr_factor = self._lr_factor()  # read before the engine steps the scheduler, as the step hook does
-        if self._shadow_bypasses_engine:
-            self.shadow.reduce_and_inject()  # ZeRO-1/2: g_θ̂ and the shadow's share of g_w, reduced over ranks
-        engine.set_gradient_accumulation_boundary(True)
-        engine.step()
-        self._after_optimizer_step(None, lr_factor=lr_factor)
-
     def _after_optimizer_step(self, optimizer, *_, lr_factor: float | None = None) -> None:
         """Runs right after θ's (and w's) update: θ̂'s update (bridge), or the SFT update (alternating)."""
         lr_factor = self._lr_factor() if lr_factor is None else lr_factor
@@ -272,34 +266,13 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
 
     def _weighted_backward(self, compute, weight: float, kind: str = "") -> torch.Tensor:
         """Compute a loss and backpropagate `weight * loss`; with weight 0 the loss is only evaluated."""
-        with torch.set_grad_enabled(weight != 0.0), self.compute_loss_context_manager():
-            loss = compute()
-        if weight != 0.0 and kind == "shadow" and self._shadow_bypasses_engine:
-            self.shadow.backward(weight * loss)
-        elif weight != 0.0 and self.is_deepspeed_enabled:
-            # A step has several backwards; the engine accumulates them all and steps once (`_deepspeed_step`),
-            # after the one DeepSpeed is told is the last.
-            engine = self.accelerator.deepspeed_engine_wrapped.engine
-            last_kind = self.step_plan().last_backward(not self._shadow_bypasses_engine)
-            last = self.accelerator.sync_gradients and kind == last_kind
-            engine.set_gradient_accumulation_boundary(last)  # ZeRO-1/2 reduce the step's gradients at its end
-            engine.backward(weight * loss, scale_wrt_gas=False)
-        elif weight != 0.0:
-            self.accelerator.backward(weight * loss)
+        train = weight != 0.0
+        with self._sync_context(kind if train else ""):  # DDP decides at forward time whether to all-reduce
+            with torch.set_grad_enabled(train), self.compute_loss_context_manager():
+                loss = compute()
+            if train:
+                self._backward(weight * loss, kind)
         return loss.detach()  # losses are already scaled for gradient accumulation
-
-    def _lr_factor(self) -> float:
-        """Where the learning-rate schedule stands: θ's current learning rate over its initial one."""
-        group = self.optimizer.param_groups[0]
-        return group["lr"] / group["initial_lr"]
-
-    def _extra_step(self, optimizer, clip_grad_norm, lr_factor: float) -> float:
-        """Step θ̂'s or alternating's SFT optimizer like the main one: clipped, at the scheduled learning rate."""
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor
-        norm = clip_grad_norm(self.args.max_grad_norm or float("inf"))
-        optimizer.step()
-        return norm.item()
 
     def _sft_micro_batch(self, micro: int):
         """This rank's slice of the step's SFT batch (`SFTStream`): a pure function of the step, so resumes are exact."""
@@ -391,57 +364,3 @@ class BridgeTrainer(BridgeCheckpointMixin, GRPOTrainer):
             if self._ensure_shadow() is not None:
                 logs["bridge/shadow_mb"] = self.shadow.num_bytes(self.shadow_optimizer) / 2**20
         super().log(logs, start_time)
-
-    def create_optimizer(self, model=None):
-        """θ (lr α) and w (lr β) as groups of one optimizer; θ̂ (lr α) and alternating's SFT (lr α_SFT) get their own."""
-        if self.optimizer is not None:
-            return self.optimizer
-        decay = set(self.get_decay_parameter_names(self.model))
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-
-        def make(
-            named_groups, cls=optimizer_cls, kwargs=optimizer_kwargs
-        ):  # [(named params, lr)] → optimizer
-            groups = []
-            for named, lr in named_groups:
-                for params, wd in (([p for n, p in named if n in decay], self.args.weight_decay),
-                                   ([p for n, p in named if n not in decay], 0.0)):  # fmt: skip
-                    if params:
-                        groups.append({"params": params, "weight_decay": wd, "lr": lr, "initial_lr": lr})
-            return cls(groups, **kwargs)
-
-        base, adapter = split_parameters(self.model)
-        args = self.args
-        self.optimizer = make([(base, args.learning_rate), (adapter, args.adapter_learning_rate)])
-        self._make_optimizer = make
-        if self.shadow is not None:
-            self._build_shadow_optimizer()
-        if args.method == "alternating":
-            self.sft_optimizer = make([(base + adapter, args.sft_learning_rate)])
-        if (
-            not self.is_deepspeed_enabled
-        ):  # DeepSpeed steps its inner optimizer per shard group, see _deepspeed_step
-            self.optimizer.register_step_post_hook(self._after_optimizer_step)
-        return self.optimizer
-
-    @property
-    def _shadow_bypasses_engine(self) -> bool:
-        """ZeRO-1/2: the shadow's pass runs on the bare module, outside the engine's gradient hooks."""
-        return isinstance(self.shadow, Zero2ShadowWeights)
-
-    def _build_shadow_optimizer(self) -> None:
-        """θ̂'s optimizer: θ's class and hyper-parameters at lr α (`same`), or stateless SGD (`sgd`)."""
-        shadow_named = list(zip(self.shadow.names, self.shadow.params, strict=True))
-        stateless = {"cls": torch.optim.SGD, "kwargs": {}} if self.args.shadow_optimizer == "sgd" else {}
-        self.shadow_optimizer = self._make_optimizer([(shadow_named, self.args.learning_rate)], **stateless)
-
-    def _ensure_shadow(self):
-        """θ̂, built on first use under ZeRO-3: from the engine's fp32 shards of θ⁰, which exist once it is prepared."""
-        if self.shadow is None and self.args.method == "bridge" and self.is_deepspeed_enabled:
-            base, adapter = split_parameters(self._unwrapped())
-            stage3 = self.accelerator.state.deepspeed_plugin.zero_stage == 3
-            shadow_cls = ZeroShadowWeights if stage3 else Zero2ShadowWeights
-            self.shadow = shadow_cls(base, [p for _, p in adapter], offload=self.args.shadow_offload == "cpu")
-            self._build_shadow_optimizer()
-            logger.info("θ̂: %.1f MB of shards on this rank", self.shadow.num_bytes() / 2**20)
-        return self.shadow
