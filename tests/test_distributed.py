@@ -22,7 +22,7 @@ from .helpers import assert_dicts_close
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "run_bridge.py"
 CONFIGS = ROOT / "tests" / "configs"
-KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/cooperative_gain", "reward",
+KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/cooperative_gain", "reward", "kl",
         "bridge/shadow_grad_norm", "grad_norm", "bridge/sft_tokens", "bridge/rl_tokens")  # fmt: skip
 
 
@@ -75,20 +75,33 @@ def assert_runs_match(one, two, steps: int, keys=KEYS):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("one") / "out")
+def saved_model(tmp_path_factory):
+    """The runs load this with `from_pretrained` (under ZeRO-3 inside `zero.Init`, partitioned as it loads), with a
+    KL term, so the frozen reference of θ⁰ is built (reloaded under ZeRO-3) and used."""
+    from bridge_trl.tiny import build_tiny_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = build_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"BRIDGE_TEST_MODEL": str(path), "BRIDGE_TEST_BETA": "0.05"}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, saved_model):
+    return launch(tmp_path_factory.mktemp("one") / "out", **saved_model)
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes_match_one(one_process, tmp_path):
-    assert_runs_match(one_process, launch(tmp_path / "two", "ddp"), steps=2)
+def test_ddp_two_processes_match_one(one_process, saved_model, tmp_path):
+    assert_runs_match(one_process, launch(tmp_path / "two", "ddp", **saved_model), steps=2)
 
 
 @pytest.mark.distributed
-def test_zero3_two_processes_match_one(one_process, tmp_path):
+def test_zero3_two_processes_match_one(one_process, saved_model, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"
-    assert_runs_match(one_process, launch(out, "zero3", BRIDGE_TEST_GA="2"), steps=2)
+    assert_runs_match(one_process, launch(out, "zero3", BRIDGE_TEST_GA="2", **saved_model), steps=2)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["zero3"] > 0 and meta["persistent"] == 0  # really partitioned, gathered on use
     # θ̂ is sharded: each rank's checkpoint-free footprint is about half of θ's fp32 size.
@@ -103,7 +116,7 @@ def test_zero3_resume_is_exact(tmp_path):
     and optimizer states), and end where the uninterrupted run ends."""
     pytest.importorskip("deepspeed")
     env = {"BRIDGE_TEST_GA": "2", "BRIDGE_TEST_OPTIM": "adamw_torch", "BRIDGE_TEST_SAVE": "1",
-           "BRIDGE_TEST_MAX_STEPS": "3", "BRIDGE_TEST_SHADOW_ROLLOUTS": "own"}  # fmt: skip
+           "BRIDGE_TEST_MAX_STEPS": "3", "BRIDGE_TEST_SHADOW_ROLLOUTS": "own", "BRIDGE_TEST_BETA": "0.05"}  # fmt: skip
     full_states, full_logs = launch(tmp_path / "full", "zero3", **env)
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -122,7 +135,9 @@ def test_zero3_resume_is_exact(tmp_path):
 
 
 @pytest.mark.distributed
-def test_zero2_two_processes_match_one(one_process, tmp_path):
+def test_zero2_two_processes_match_one(one_process, saved_model, tmp_path):
     """ZeRO-2: θ̂ whole on each rank, its pass outside the engine's hooks, its ∇_w added to w's reduced gradient."""
     pytest.importorskip("deepspeed")
-    assert_runs_match(one_process, launch(tmp_path / "zero2", "zero2", BRIDGE_TEST_GA="2"), steps=2)
+    assert_runs_match(
+        one_process, launch(tmp_path / "zero2", "zero2", BRIDGE_TEST_GA="2", **saved_model), steps=2
+    )

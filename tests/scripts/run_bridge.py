@@ -1,9 +1,12 @@
 """A tiny BRIDGE run for the multi-process tests: `python run_bridge.py OUT`, `torchrun --nproc_per_node 2 ...` or
 `accelerate launch --config_file tests/configs/zero3_cpu.yaml ...` (DeepSpeed ZeRO-3 on the CPU).
 
-Environment: BRIDGE_TEST_MAX_STEPS (2), BRIDGE_TEST_GA (gradient accumulation, 1; the global batch stays the same),
-BRIDGE_TEST_OPTIM (sgd), BRIDGE_TEST_SHADOW_ROLLOUTS (shared), BRIDGE_TEST_METHOD (bridge), BRIDGE_TEST_SAVE (checkpoint every step), BRIDGE_TEST_RESUME (resume from the last
-complete checkpoint), BRIDGE_TEST_STALL_AT (hang inside that step's save).
+Environment (defaults in brackets):
+- BRIDGE_TEST_MAX_STEPS [2], BRIDGE_TEST_GA: gradient accumulation [1], the global batch staying the same;
+- BRIDGE_TEST_OPTIM [sgd], BRIDGE_TEST_SHADOW_ROLLOUTS [shared], BRIDGE_TEST_METHOD [bridge], BRIDGE_TEST_BETA [0];
+- BRIDGE_TEST_MODEL: a saved model's path, loaded with from_pretrained [the same model, built in memory];
+- BRIDGE_TEST_SAVE: checkpoint every step; BRIDGE_TEST_RESUME: resume from the last complete checkpoint;
+- BRIDGE_TEST_STALL_AT: hang inside that step's save.
 
 Rollouts come from a deterministic `rollout_func` (a function of the prompt text and the sample's index), so one
 process and two processes train on exactly the same completions and their results can be compared.
@@ -82,11 +85,13 @@ def main(out: str) -> None:
         gradient_accumulation_steps=accumulation, num_generations=NUM_GENERATIONS, max_completion_length=LENGTH,
         per_device_sft_batch_size=GLOBAL_SFT // world // accumulation, max_steps=int(os.environ.get("BRIDGE_TEST_MAX_STEPS", "2")), optim=os.environ.get("BRIDGE_TEST_OPTIM", "sgd"),
         shadow_rollouts=os.environ.get("BRIDGE_TEST_SHADOW_ROLLOUTS", "shared"), method=method,
+        beta=float(os.environ.get("BRIDGE_TEST_BETA", "0")),
         learning_rate=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True,
         bf16=False, report_to="none", save_strategy="steps" if "BRIDGE_TEST_SAVE" in os.environ else "no", save_steps=1, logging_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
+    model = os.environ.get("BRIDGE_TEST_MODEL") or build_tiny_model(tokenizer)  # a saved path loads for real
     trainer = StallingTrainer(
-        build_tiny_model(tokenizer), reward, args=args, train_dataset=rl, sft_dataset=sft, processing_class=tokenizer,
+        model, reward, args=args, train_dataset=rl, sft_dataset=sft, processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
         rollout_func=deterministic_rollouts, callbacks=[CountSteps()],
     )  # fmt: skip
