@@ -23,8 +23,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from .shadow import adapter_state_dict, base_state_dict, split_parameters, unwrapped_base
-from .zero import gathered
+from .shadow import adapter_state_dict, base_state_dict, gathered, split_parameters, unwrapped_base
 
 logger = logging.getLogger(__name__)
 

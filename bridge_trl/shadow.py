@@ -16,14 +16,30 @@ same through the engine's per-rank shards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 
-from .zero import gathered
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (its `.data` is a placeholder; `ds_tensor` is this rank's shard)."""
+    return hasattr(param, "ds_id")
+
+
+@contextmanager
+def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Gather ZeRO-3 parameters in full for the block (collective: every rank must enter); a no-op otherwise."""
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
 
 
 def _tuner_prefix(model) -> str | None:
@@ -75,7 +91,47 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
-class ShadowWeights:
+class ShadowState:
+    """What every form of θ̂ shares: `names`, `params` (θ̂'s tensors on this rank), and their bookkeeping."""
+
+    names: list[str]
+    params: list[nn.Parameter]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def num_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Bytes held by θ̂ on this rank: its weights, plus `optimizer`'s state for them when given."""
+        total = sum(p.numel() * p.element_size() for p in self.params)
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        return total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """θ̂ on this rank by parameter name (as in `named_parameters()` of the PEFT model), for checkpoints."""
+        return {
+            name: p.detach().to("cpu", copy=True) for name, p in zip(self.names, self.params, strict=True)
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(
+                f"Shadow checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}."
+            )
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params, strict=True):
+                if state[name].shape != p.shape:
+                    raise ValueError(
+                        f"Shadow tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}: "
+                        "resume with the same number of processes and ZeRO stage."
+                    )
+                p.copy_(state[name].to(p.device))
+
+
+class ShadowWeights(ShadowState):
     """θ̂ for a model whose base parameters hold θ, swapped in by pointer exchange.
 
     Args:
@@ -160,31 +216,3 @@ class ShadowWeights:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip θ̂'s gradient (whole on every rank: DDP has averaged it) to `max_norm`; returns its norm."""
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def num_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Bytes held by θ̂ on this rank: its weights, plus `optimizer`'s state for them when given."""
-        total = sum(p.numel() * p.element_size() for p in self.params)
-        if optimizer is not None:
-            for state in optimizer.state.values():
-                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-        return total
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """θ̂ by parameter name (as in `named_parameters()` of the PEFT model), for checkpoints."""
-        return {
-            name: p.detach().to("cpu", copy=True) for name, p in zip(self.names, self.params, strict=True)
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.names) - set(state)
-        if missing:
-            raise KeyError(
-                f"Shadow checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}."
-            )
-        with torch.no_grad():
-            for name, p in zip(self.names, self.params, strict=True):
-                p.copy_(state[name].to(p.device))

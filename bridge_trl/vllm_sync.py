@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from .zero import gathered
+from .shadow import gathered
 
 # Name fragments that vLLM does not know, removed as TRL's `_fix_param_name_to_vllm` removes them.
 _DROPPED_FRAGMENTS = ("_checkpoint_wrapped_module.", ".base_layer", "modules_to_save.default.")

@@ -24,29 +24,14 @@ must not be offloaded (`offload_optimizer`); θ̂ itself may live in CPU memory 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from trl.trainer.utils import create_model_from_path
 
-
-def is_zero3_param(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-@contextmanager
-def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Gather ZeRO-3 parameters in full for the block (collective: every rank must enter); a no-op otherwise."""
-    params = [p for p in params if is_zero3_param(p)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
-        yield
+from .shadow import ShadowState, is_zero3_param
 
 
 def _dp_average(tensors: list[torch.Tensor], group) -> None:
@@ -112,7 +97,7 @@ def _regather_persistent(params: list[nn.Parameter]) -> None:
         optimizer.invalidate_secondary_tensor()
 
 
-class ZeroShadowWeights:
+class ZeroShadowWeights(ShadowState):
     """θ̂ as this rank's ZeRO-3 shards; the same interface as `bridge_trl.shadow.ShadowWeights`.
 
     Args:
@@ -202,41 +187,8 @@ class ZeroShadowWeights:
             g.mul_(coef.to(g.device))
         return norm
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
-    def num_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Bytes held by θ̂ on this rank (its shards), plus `optimizer`'s state for them when given."""
-        total = sum(p.numel() * p.element_size() for p in self.params)
-        if optimizer is not None:
-            for state in optimizer.state.values():
-                total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-        return total
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's θ̂ shards by parameter name, for per-rank checkpoint files."""
-        return {
-            name: p.detach().to("cpu", copy=True) for name, p in zip(self.names, self.params, strict=True)
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.names) - set(state)
-        if missing:
-            raise KeyError(
-                f"Shadow checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}."
-            )
-        with torch.no_grad():
-            for name, p in zip(self.names, self.params, strict=True):
-                if state[name].shape != p.shape:
-                    raise ValueError(
-                        f"Shadow shard {name!r} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}: "
-                        "resume with the same number of processes."
-                    )
-                p.copy_(state[name].to(p.device))
-
-
-class Zero2ShadowWeights:
+class Zero2ShadowWeights(ShadowState):
     """θ̂ under ZeRO-1/2, where every rank holds θ whole (in the compute dtype) and its optimizer state is sharded.
 
     θ̂ is kept whole too, as an fp32 master with its own optimizer (like θ's bf16 copy, it is not partitioned; use
@@ -314,8 +266,3 @@ class Zero2ShadowWeights:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """θ̂'s gradient is whole and identical on every rank after `reduce_and_inject`."""
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-
-    zero_grad = ZeroShadowWeights.zero_grad
-    num_bytes = ZeroShadowWeights.num_bytes
-    state_dict = ZeroShadowWeights.state_dict
-    load_state_dict = ZeroShadowWeights.load_state_dict
