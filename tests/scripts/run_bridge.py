@@ -6,7 +6,7 @@ Environment (defaults in brackets):
 - BRIDGE_TEST_OPTIM [sgd], BRIDGE_TEST_SHADOW_ROLLOUTS [shared], BRIDGE_TEST_METHOD [bridge], BRIDGE_TEST_BETA [0];
 - BRIDGE_TEST_MODEL: a saved model's path, loaded with from_pretrained [the same model, built in memory];
 - BRIDGE_TEST_SAVE: checkpoint every step; BRIDGE_TEST_RESUME: resume from the last complete checkpoint;
-- BRIDGE_TEST_STALL_AT: hang inside that step's save.
+- BRIDGE_TEST_STALL_AT: hang inside that step's save; BRIDGE_TEST_BF16=1: bf16 (DeepSpeed: its bf16 mode).
 
 Rollouts come from a deterministic `rollout_func` (a function of the prompt text and the sample's index), so one
 process and two processes train on exactly the same completions and their results can be compared.
@@ -87,7 +87,7 @@ def main(out: str) -> None:
         shadow_rollouts=os.environ.get("BRIDGE_TEST_SHADOW_ROLLOUTS", "shared"), method=method,
         beta=float(os.environ.get("BRIDGE_TEST_BETA", "0")),
         learning_rate=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True,
-        bf16=False, report_to="none", save_strategy="steps" if "BRIDGE_TEST_SAVE" in os.environ else "no", save_steps=1, logging_steps=1, disable_tqdm=True, seed=0,
+        bf16=os.environ.get("BRIDGE_TEST_BF16") == "1", report_to="none", save_strategy="steps" if "BRIDGE_TEST_SAVE" in os.environ else "no", save_steps=1, logging_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
     model = os.environ.get("BRIDGE_TEST_MODEL") or build_tiny_model(tokenizer)  # a saved path loads for real
     trainer = StallingTrainer(
