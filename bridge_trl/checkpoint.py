@@ -229,8 +229,19 @@ class BridgeCheckpointMixin:
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         rank = self.args.process_index if self._zero3 else None
-        extras = load_trainer_extras(checkpoint, rank) if checkpoint is not None else None
+        if checkpoint is None:
+            return
+        extras = load_trainer_extras(checkpoint, rank)
         if extras is None:
+            if self.args.method in ("bridge", "alternating"):  # θ̂ / the SFT optimizer cannot be recovered
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {EXTRAS_FILE if rank is None else f'rank-{rank} BRIDGE state'} file "
+                    f"(θ̂ and the extra optimizer states): resume with the same method, ZeRO stage and number of "
+                    "processes that wrote it."
+                )
+            logger.warning(
+                "%s has no %s: the bridge/ consumption counters restart from 0.", checkpoint, EXTRAS_FILE
+            )
             return
         self.consumed.update(extras["consumed"])
         if self._ensure_shadow() is not None:

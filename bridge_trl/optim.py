@@ -33,7 +33,11 @@ class BridgeOptimizersMixin:
             self.shadow.reduce_and_inject()  # ZeRO-1/2: g_θ̂ and the shadow's share of g_w, reduced over ranks
         engine.set_gradient_accumulation_boundary(True)
         engine.step()
-        self._after_optimizer_step(None, lr_factor=lr_factor)
+        if engine.was_step_applied():
+            self._after_optimizer_step(None, lr_factor=lr_factor)
+        elif self.shadow is not None:  # the engine skipped θ's step (non-finite gradient): θ̂ skips it too
+            logger.warning("DeepSpeed skipped step %d; θ̂ skips it too.", self.state.global_step)
+            self.shadow.zero_grad()
 
     def _sync_context(self, kind: str):
         """DDP: θ's gradient is all-reduced once per micro-step, by its last joint backward (SFT's waits for RL's).

@@ -126,7 +126,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
                              peft_config=peft_config, **kwargs)  # fmt: skip
         finally:
             args.beta = self.beta = beta
-        check_backend(self.args.method, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
+        check_backend(args.method, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled, args)
         if self.use_vllm:  # vLLM gets π(θ, w): θ with w merged, out of place, one tensor at a time
             install_vllm_sync(self.vllm_generation, self.model)
         if reference is not None:
@@ -209,12 +209,14 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
                 self.gain.add_rewards(joint_rewards, shadow_metrics["train"]["reward"])
             else:
                 self.gain.add_shared(inputs)
+        rl_tokens = inputs["completion_mask"].sum() if plan.rl else torch.zeros((), device=sft.device)
+        self._record(
+            plan, lam, sft, rl, shadow, rl_tokens
+        )  # stops on a non-finite loss, before anything moves
+
         # Line 10, 12, 14: the optimizers apply g_θ, g_w (Trainer) and g_θ̂ (`_after_optimizer_step`).
         if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
             self._deepspeed_step()
-
-        rl_tokens = inputs["completion_mask"].sum() if plan.rl else torch.zeros((), device=sft.device)
-        self._record(plan, lam, sft, rl, shadow, rl_tokens)
         # GRPOTrainer.training_step's bookkeeping: the micro-step counter drives its generation buffer.
         self._step += 1
         self._current_train_step_time += time.perf_counter() - start

@@ -34,21 +34,23 @@ from trl.trainer.utils import create_model_from_path
 from .shadow import ShadowState, is_zero3_param
 
 
-def _dp_average(tensors: list[torch.Tensor], group) -> None:
-    """Average tensors in place over the data-parallel group (one flat all-reduce)."""
+def _dp_average(tensors: list[torch.Tensor], group, device: torch.device) -> None:
+    """Average tensors in place over the data-parallel group, one tensor at a time on `device`.
+
+    On the compute device because NCCL reduces CUDA tensors only (θ̂ may live in CPU memory), and per tensor so that
+    no second full copy of θ̂'s gradient is ever allocated.
+    """
     import deepspeed.comm as dist
 
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group=group)
-    offset = 0
+    world = dist.get_world_size(group=group)
     for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+        buffer = t.to(device)
+        dist.all_reduce(buffer, group=group)
+        t.copy_(buffer.div_(world))
 
 
-def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool) -> None:
-    """BRIDGE runs on one device, DDP or DeepSpeed ZeRO-3; say clearly what else is not supported, and why."""
+def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool, args=None) -> None:
+    """BRIDGE runs on one device, DDP or DeepSpeed ZeRO-1/2/3; say clearly what is not supported, and why."""
     if fsdp:
         raise NotImplementedError(
             "BridgeTrainer does not support FSDP; use DeepSpeed ZeRO-3, DDP or one device."
@@ -62,11 +64,26 @@ def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool) -> None
         )
     if method != "bridge":
         return
-    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
-    if offload.get("device", "none") not in ("none", None):
+    config = plugin.deepspeed_config
+    zero = config.get("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
         raise NotImplementedError(
             "method='bridge' reads and writes the engine's gradients, which `offload_optimizer` moves off the "
             "device: set offload_optimizer_device: none (θ̂ can still live on the CPU: shadow_offload='cpu')."
+        )
+    if zero.get("offload_param", {}).get("device") == "nvme":
+        raise NotImplementedError("method='bridge' copies θ̂ into the engine's shards: offload_param to NVMe is "
+                                  "not supported (use none or cpu).")  # fmt: skip
+    if "optimizer" in config:
+        raise ValueError(
+            "method='bridge' builds its optimizers itself (θ at `learning_rate`, w at `adapter_learning_rate`, θ̂ "
+            "like θ): remove the 'optimizer' block from the DeepSpeed config and set `optim` instead."
+        )
+    reentrant = args is not None and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if plugin.zero_stage < 3 and args is not None and args.gradient_checkpointing and reentrant:
+        raise ValueError(
+            "Under ZeRO-1/2 θ̂'s backward uses torch.autograd.grad, which reentrant gradient checkpointing does "
+            "not support: drop `use_reentrant: true` from `gradient_checkpointing_kwargs`."
         )
 
 
@@ -251,16 +268,18 @@ class Zero2ShadowWeights(ShadowState):
         """At the step (collective): average g_θ̂ and the shadow's ∇_w over the ranks; add c·∇_w to w's gradient."""
         from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
-        group = getattr(self.live[0], "_dp_group", None)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            _dp_average(grads, group)
-        pairs = [(p, g) for p, g in zip(self.adapter, self.adapter_grads, strict=True) if g is not None]
-        if pairs:
-            _dp_average([g for _, g in pairs], group)
-            for p, g in pairs:
-                joint = safe_get_full_grad(p)  # w's reduced joint gradient, (1-λ)∇L_SFT + λ∇L_RL
-                safe_set_full_grad(p, joint + self.adapter_grad_scale * g.to(joint.device, joint.dtype))
+        # Every rank takes part in the same collectives, whichever parameters its batch left without a gradient.
+        group, device = getattr(self.live[0], "_dp_group", None), self.live[0].device
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        _dp_average([p.grad for p in self.params], group, device)
+        adapter_grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g
+                         for p, g in zip(self.adapter, self.adapter_grads, strict=True)]  # fmt: skip
+        _dp_average(adapter_grads, group, device)
+        for p, g in zip(self.adapter, adapter_grads, strict=True):
+            joint = safe_get_full_grad(p)  # w's reduced joint gradient, (1-λ)∇L_SFT + λ∇L_RL
+            safe_set_full_grad(p, joint + self.adapter_grad_scale * g.to(joint.device, joint.dtype))
         self.adapter_grads = [None] * len(self.adapter)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

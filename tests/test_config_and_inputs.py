@@ -133,21 +133,42 @@ def test_plain_sft_completion_gets_eos_and_truncation(tmp_path, make_model, toke
 
 
 @pytest.mark.parametrize(
-    ("method", "stage", "offload", "match"),
+    ("method", "stage", "config", "checkpointing", "match"),
     [
-        ("bridge", 2, "cpu", "offload_optimizer"),
-        ("bridge", 3, "cpu", "offload_optimizer"),
-        ("alternating", 3, "none", "alternating"),
+        (
+            "bridge",
+            2,
+            {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+            None,
+            "offload_optimizer",
+        ),
+        (
+            "bridge",
+            3,
+            {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+            None,
+            "offload_optimizer",
+        ),
+        ("bridge", 3, {"zero_optimization": {"offload_param": {"device": "nvme"}}}, None, "NVMe"),
+        ("bridge", 3, {"optimizer": {"type": "AdamW"}}, None, "'optimizer' block"),
+        ("bridge", 2, {}, {"use_reentrant": True}, "use_reentrant"),
+        ("alternating", 3, {}, None, "alternating"),
     ],
 )
-def test_unsupported_deepspeed_setups_are_refused(method, stage, offload, match):
-    plugin = SimpleNamespace(zero_stage=stage,
-                             deepspeed_config={"zero_optimization": {"offload_optimizer": {"device": offload}}})  # fmt: skip
+def test_unsupported_deepspeed_setups_are_refused(method, stage, config, checkpointing, match):
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
-    with pytest.raises(NotImplementedError, match=match):
-        check_backend(method, accelerator, deepspeed=True, fsdp=False)
+    args = SimpleNamespace(
+        gradient_checkpointing=checkpointing is not None, gradient_checkpointing_kwargs=checkpointing
+    )
+    with pytest.raises((NotImplementedError, ValueError), match=match):
+        check_backend(method, accelerator, deepspeed=True, fsdp=False, args=args)
     check_backend(
-        "mix", accelerator, deepspeed=True, fsdp=False
-    )  # baselines other than alternating run anywhere
+        "mix", accelerator, deepspeed=True, fsdp=False, args=args
+    )  # baselines but alternating: anywhere
     plugin.deepspeed_config = {"zero_optimization": {"offload_optimizer": {"device": "none"}}}
-    check_backend("bridge", accelerator, deepspeed=True, fsdp=False)  # ZeRO-2 and ZeRO-3 without offload
+    args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    check_backend("bridge", accelerator, deepspeed=True, fsdp=False, args=args)  # ZeRO-1/2/3 without those
+    if stage == 3:  # the engine's own backward: reentrant checkpointing is fine (TRL forces it for PEFT)
+        args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+        check_backend("bridge", accelerator, deepspeed=True, fsdp=False, args=args)

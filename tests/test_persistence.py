@@ -70,6 +70,12 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, make_model, tokenize
     assert len(late(full)) == 2 * len(keys)
     assert late(full) == pytest.approx(late(resumed), abs=1e-6)
 
+    # Without θ̂'s file the run cannot continue where it stopped: a clear error, not a silent restart of θ̂ from θ.
+    (checkpoint / "bridge_state.pt").unlink()
+    again = make_trainer(tmp_path / "again", make_model(seed=7), tokenizer, rl_dataset, sft_dataset, **kw)
+    with pytest.raises(FileNotFoundError, match="bridge_state.pt"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(
     tmp_path, make_model, tokenizer, rl_dataset, sft_dataset
