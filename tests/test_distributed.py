@@ -26,7 +26,7 @@ KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/co
         "bridge/shadow_grad_norm", "grad_norm", "bridge/sft_tokens", "bridge/rl_tokens")  # fmt: skip
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +46,7 @@ def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
             "--nproc_per_node",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             str(SCRIPT),
             str(out),
         ]
@@ -55,7 +55,7 @@ def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
         accelerate = shutil.which("accelerate", path=bin_dir) or "accelerate"
         config = CONFIGS / f"{launcher}_cpu.yaml"
         command = [accelerate, "launch", "--config_file", str(config), "--main_process_port",
-                   str(_free_port()), str(SCRIPT), str(out)]  # fmt: skip
+                   str(free_port()), str(SCRIPT), str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [h for h in json.loads((out / "log.json").read_text()) if "bridge/sft_loss" in h]
