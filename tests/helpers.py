@@ -1,5 +1,7 @@
 """Helpers for building a BridgeTrainer on the tiny model in tests."""
 
+import socket
+
 import torch
 
 from bridge_trl import BridgeConfig, BridgeTrainer
@@ -58,3 +60,10 @@ def assert_dicts_close(a: dict, b: dict, atol=1e-6, rtol=1e-5):
         torch.testing.assert_close(
             a[k].double(), b[k].double(), atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}"
         )
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, for a multi-process launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

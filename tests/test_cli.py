@@ -11,7 +11,7 @@ import yaml
 
 from bridge_trl.tiny import build_tiny_model, build_tokenizer
 
-from .test_distributed import free_port
+from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -9,7 +9,6 @@ learning rate decays linearly, so a scheduler stepped twice, or θ̂ stepped at 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import assert_dicts_close
+from .helpers import assert_dicts_close, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "run_bridge.py"
 CONFIGS = ROOT / "tests" / "configs"
 KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/cooperative_gain", "reward", "kl",
         "bridge/shadow_grad_norm", "grad_norm", "bridge/sft_tokens", "bridge/rl_tokens")  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
