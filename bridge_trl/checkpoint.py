@@ -163,10 +163,6 @@ class BridgeCheckpointMixin:
     the extra optimizers and the consumption counters; one file per rank under ZeRO-3, where θ̂ is sharded).
     """
 
-    @property
-    def _zero3(self) -> bool:
-        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 

@@ -81,9 +81,8 @@ class BridgeOptimizersMixin:
         decay = set(self.get_decay_parameter_names(self.model))
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
 
-        def make(
-            named_groups, cls=optimizer_cls, kwargs=optimizer_kwargs
-        ):  # [(named params, lr)] → optimizer
+        def make(named_groups, cls=optimizer_cls, kwargs=optimizer_kwargs):
+            """[(named params, lr)] → an optimizer with a decay and a no-decay group per entry."""
             groups = []
             for named, lr in named_groups:
                 for params, wd in (([p for n, p in named if n in decay], self.args.weight_decay),
@@ -100,11 +99,14 @@ class BridgeOptimizersMixin:
             self._build_shadow_optimizer()
         if args.method == "alternating":
             self.sft_optimizer = make([(base + adapter, args.sft_learning_rate)])
-        if (
-            not self.is_deepspeed_enabled
-        ):  # DeepSpeed steps its inner optimizer per shard group, see _deepspeed_step
+        # DeepSpeed steps its inner optimizer once per shard group: θ̂ steps in `_deepspeed_step` instead.
+        if not self.is_deepspeed_enabled:
             self.optimizer.register_step_post_hook(self._after_optimizer_step)
         return self.optimizer
+
+    @property
+    def _zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
 
     @property
     def _shadow_bypasses_engine(self) -> bool:
@@ -121,8 +123,7 @@ class BridgeOptimizersMixin:
         """θ̂; under DeepSpeed built on first use, from the engine's state of θ⁰, which exists once it is prepared."""
         if self.shadow is None and self.args.method == "bridge" and self.is_deepspeed_enabled:
             base, adapter = split_parameters(self._unwrapped())
-            stage3 = self.accelerator.state.deepspeed_plugin.zero_stage == 3
-            shadow_cls = ZeroShadowWeights if stage3 else Zero2ShadowWeights
+            shadow_cls = ZeroShadowWeights if self._zero3 else Zero2ShadowWeights
             self.shadow = shadow_cls(base, [p for _, p in adapter], offload=self.args.shadow_offload == "cpu")
             self._build_shadow_optimizer()
             self._log_shadow_size()

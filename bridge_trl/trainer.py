@@ -8,7 +8,7 @@ import resource
 import textwrap
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import is_peft_model
@@ -185,8 +185,10 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
             sft = self._weighted_backward(
                 lambda: sft_loss(model, batch, self._fused_sft), plan.sft_weight, "sft"
             )
+        # The gain meter (shared rollouts) reads the per-token log-probs that both RL passes compute anyway.
+        measure = plan.shadow and self.args.shadow_rollouts == "shared"
         if plan.rl:
-            with self.gain.capture(self, "joint"):
+            with self.gain.capture(self, "joint") if measure else nullcontext():
                 rl = self._weighted_backward(lambda: self.compute_loss(model, inputs), plan.rl_weight, "rl")
 
         # Line 5 & 12 & 14: the RL objective at (θ̂ᵏ, wᵏ), on the same rollouts (or θ̂'s own). With θ̂ swapped in,
@@ -198,21 +200,19 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
                 self._isolated_grpo_state() as shadow_metrics,
             ):
                 shadow_inputs = self._shadow_inputs(raw_inputs, inputs)
-                shadow_model = (
-                    self.model if self._shadow_bypasses_engine else model
-                )  # ZeRO-1/2, `bridge_trl.zero`
-                with self.gain.capture(self, "shadow"):
+                # ZeRO-1/2: the bare module, outside the engine's gradient hooks (`bridge_trl.zero`)
+                shadow_model = self.model if self._shadow_bypasses_engine else model
+                with self.gain.capture(self, "shadow") if measure else nullcontext():
                     compute = lambda: self.compute_loss(shadow_model, shadow_inputs)  # noqa: E731
                     shadow = self._weighted_backward(compute, 1.0, "shadow")
-            if self.args.shadow_rollouts == "own":
+            if measure:
+                self.gain.add_shared(inputs)
+            else:
                 joint_rewards = self._metrics["train"]["reward"][rewards_before:]
                 self.gain.add_rewards(joint_rewards, shadow_metrics["train"]["reward"])
-            else:
-                self.gain.add_shared(inputs)
         rl_tokens = inputs["completion_mask"].sum() if plan.rl else torch.zeros((), device=sft.device)
-        self._record(
-            plan, lam, sft, rl, shadow, rl_tokens
-        )  # stops on a non-finite loss, before anything moves
+        # Stops on a non-finite loss, before anything moves.
+        self._record(plan, lam, sft, rl, shadow, rl_tokens)
 
         # Line 10, 12, 14: the optimizers apply g_θ, g_w (Trainer) and g_θ̂ (`_after_optimizer_step`).
         if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
@@ -297,14 +297,14 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         if self.args.shadow_rollouts == "shared":
             return {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
         joint_buffer, self._buffered_inputs = self._buffered_inputs, self._shadow_buffer
-        self._last_loaded_step = (
-            -1
-        )  # vLLM: push π(θ̂, w) now, and π(θ, w) again before the next joint generation
+        if self.use_vllm:  # push π(θ̂, w) now, and π(θ, w) again before the next joint generation
+            self._last_loaded_step = -1
         try:
             return self._prepare_inputs(raw_inputs)
         finally:
             self._shadow_buffer, self._buffered_inputs = self._buffered_inputs, joint_buffer
-            self._last_loaded_step = -1
+            if self.use_vllm:
+                self._last_loaded_step = -1
 
     @contextmanager
     def _isolated_grpo_state(self):
@@ -312,9 +312,8 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         saved_metrics, saved_logs = self._metrics, self._logs
         saved = {k: getattr(self, k) for k in ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
                  if hasattr(self, k)}  # fmt: skip
-        tokens_seen = (
-            self.state.num_input_tokens_seen
-        )  # 'own': θ̂'s rollouts are extra compute, not extra data
+        # 'own': θ̂'s rollouts are extra compute, not extra data.
+        tokens_seen = self.state.num_input_tokens_seen
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._logs = {k: defaultdict(list) if isinstance(v, dict) else [] for k, v in saved_logs.items()}
         try:

@@ -16,9 +16,11 @@ master), so θ̂ and its optimizer state are partitioned exactly like θ's and n
   set aside (and zeroed) before the shadow's backward; afterwards the shards hold g_θ̂, which is moved to θ̂'s
   gradient, and θ's are restored. w's shards get `before + c · (shadow's ∇_w)`, c = −λ (Eq. 11).
 
-Only the public per-rank accessors of `deepspeed.utils` are used (`safe_{get,set}_local_grad`,
-`safe_get_local_fp32_param`). They need the ZeRO optimizer's gradient shards on the device, so the optimizer
-must not be offloaded (`offload_optimizer`); θ̂ itself may live in CPU memory (`shadow_offload="cpu"`).
+Gradients and the fp32 master go through DeepSpeed's public per-rank accessors (`safe_{get,set}_local_grad`,
+`safe_get_local_fp32_param`); the shards through each parameter's `ds_tensor`, `ds_status`, `partition` and
+`all_gather` (hence the pin to DeepSpeed 0.19.x). The accessors need the ZeRO optimizer's gradient shards on the
+device, so the optimizer must not be offloaded (`offload_optimizer`); θ̂ itself may live in CPU memory
+(`shadow_offload="cpu"`).
 """
 
 from __future__ import annotations

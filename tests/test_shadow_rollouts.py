@@ -72,6 +72,7 @@ def test_own_rollouts_train_the_shadow_on_its_own_samples(tmp_path, make_model, 
     h = next(h for h in own.state.log_history if "bridge/shadow_reward" in h)
     assert h["bridge/cooperative_gain"] == pytest.approx(h["reward"] - h["bridge/shadow_reward"])
     assert len(own._logs["prompt"]) == 8  # the shadow's completions stay out of the completions table
+    assert shared.gain.logps == {} and own.gain.logps == {}  # nothing captured is left behind
 
 
 def test_gain_meter_matches_an_explicit_computation():
