@@ -2,6 +2,8 @@
 
     python benchmarks/step_cost.py                        # CPU sweep over model size and completion length
     python benchmarks/step_cost.py --hidden 512 --lengths 256 --steps 10   # on a GPU
+    python benchmarks/step_cost.py --model PATH --lengths 128 --batch 8 --generations 4 --sft_batch 2 --steps 2
+                                                          # a real checkpoint, e.g. SmolLM2-135M-Instruct
 
 Each (method, model size, completion length) runs in its own process so that peak memory is its own (CUDA:
 `max_memory_allocated`; CPU: peak resident set). Times are per optimizer step, averaged after a warm-up step.
@@ -53,27 +55,61 @@ def timed(times, key, fn):
     return wrapper
 
 
-def run_one(method: str, hidden: int, length: int, steps: int, queue) -> None:
+def build_model_and_data(hidden: int, length: int, model_path: str | None):
+    """A tiny Qwen2 on sums (the sweep), or a real checkpoint on chat-formatted questions of the same shape."""
+    if model_path is None:
+        from bridge_trl.tiny import build_tiny_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, hidden_size=hidden, num_hidden_layers=4, intermediate_size=3 * hidden,
+                                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        rl = Dataset.from_dict({"prompt": [f"{i}+{i + 1}+{i + 2}=" for i in range(256)]})
+        sft = Dataset.from_dict(
+            {"prompt": [f"{i}+{i}=" for i in range(64)], "completion": ["1+1=2." * (length // 6)] * 64}
+        )
+        return model, tokenizer, rl, sft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+
+    def ask(i):
+        return [{"role": "user", "content": f"What is {i} + {i + 1} + {i + 2}? Reason step by step."}]
+
+    rl = Dataset.from_dict({"prompt": [ask(i) for i in range(256)]})
+    # SFT completions of about `length` tokens (a BPE token is a few characters of this text).
+    trace = " ".join(f"{i} + {i} = {2 * i}." for i in range(length))
+    trace = tokenizer.decode(tokenizer(trace, add_special_tokens=False)["input_ids"][: length - 1])
+    sft = Dataset.from_dict(
+        {
+            "prompt": [ask(i) for i in range(64)],
+            "completion": [[{"role": "assistant", "content": trace}]] * 64,
+        }
+    )
+    return model, tokenizer, rl, sft
+
+
+def length_reward(completions, **kwargs):
+    """A reward that varies across completions (so advantages are not all zero), strings or chat messages."""
+    return [float(len(c if isinstance(c, str) else c[0]["content"]) % 3) for c in completions]
+
+
+def run_one(method: str, hidden: int, length: int, steps: int, queue, model_path=None, batch=32, generations=8,
+            sft_batch=4) -> None:  # fmt: skip
     """Train `steps + 1` steps, time each phase from step 2 on, and report through `queue`."""
     from bridge_trl import BridgeConfig, BridgeTrainer
-    from bridge_trl.tiny import build_tiny_model, build_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=hidden, num_hidden_layers=4, intermediate_size=3 * hidden,
-                             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    rl = Dataset.from_dict({"prompt": [f"{i}+{i + 1}+{i + 2}=" for i in range(256)]})
-    sft = Dataset.from_dict(
-        {"prompt": [f"{i}+{i}=" for i in range(64)], "completion": ["1+1=2." * (length // 6)] * 64}
-    )
+    model, tokenizer, rl, sft = build_model_and_data(hidden, length, model_path)
     args = BridgeConfig(
-        output_dir=f"/tmp/step_cost_{method}", method=method, per_device_train_batch_size=32, num_generations=8,
-        per_device_sft_batch_size=4, max_completion_length=length, max_steps=steps + 1, learning_rate=1e-4,
+        output_dir=f"/tmp/step_cost_{method}", method=method, per_device_train_batch_size=batch,
+        num_generations=generations, per_device_sft_batch_size=sft_batch, max_completion_length=length,
+        max_steps=steps + 1, learning_rate=1e-4,
         report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, generation_kwargs={"min_new_tokens": length},
     )  # fmt: skip
     peft = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear") if method == "bridge" else None
-    trainer = BridgeTrainer(model, lambda completions, **kw: [float(len(c) % 3) for c in completions], args=args,
+    trainer = BridgeTrainer(model, length_reward, args=args,
                             train_dataset=rl, sft_dataset=sft, processing_class=tokenizer, peft_config=peft)  # fmt: skip
 
     times, step_times, _measuring = defaultdict(float), [], {"on": False}
@@ -127,13 +163,14 @@ def run_one(method: str, hidden: int, length: int, steps: int, queue) -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     queue.put({"method": method, "hidden": hidden, "length": length, "params": params,
+               "sft_tokens_per_step": trainer.consumed["sft_tokens"] / (steps + 1),
                "step_s": sum(step_times) / n, "phases_s": per_step, "peak_mb": peak})  # fmt: skip
 
 
-def measure(method, hidden, length, steps):
+def measure(method, hidden, length, steps, **kwargs):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(method, hidden, length, steps, queue))
+    proc = ctx.Process(target=run_one, args=(method, hidden, length, steps, queue), kwargs=kwargs)
     proc.start()
     result = queue.get(timeout=3600)
     proc.join()
@@ -149,14 +186,24 @@ def main():
     parser.add_argument(
         "--steps", type=int, default=4, help="timed steps per configuration (after one warm-up)"
     )
+    parser.add_argument("--model", help="a checkpoint to load with from_pretrained instead of the tiny sweep")
+    parser.add_argument("--batch", type=int, default=32, help="completions per step")
+    parser.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--sft_batch", type=int, default=4, help="SFT examples per step")
     parser.add_argument("--output", default="benchmarks/step_cost.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    shape = {
+        "model_path": args.model,
+        "batch": args.batch,
+        "generations": args.generations,
+        "sft_batch": args.sft_batch,
+    }
 
     rows = []
-    for hidden in args.hidden:
+    for hidden in args.hidden if args.model is None else [0]:
         for length in args.lengths:
-            rl, bridge = (measure(m, hidden, length, args.steps) for m in ("rl", "bridge"))
+            rl, bridge = (measure(m, hidden, length, args.steps, **shape) for m in ("rl", "bridge"))
             extra_compute = sum(
                 bridge["phases_s"][k] for k in ("sft_fwd_bwd", "shadow_fwd_bwd", "shadow_optimizer")
             )
@@ -175,7 +222,13 @@ def main():
                          "bookkeeping_over_extra_compute": bookkeeping / extra_compute})  # fmt: skip
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"step_cost on {device}; seconds per optimizer step, {args.steps} timed steps after one warm-up\n")
+    what = args.model or "tiny Qwen2 models"
+    print(
+        f"step_cost of {what} on {device}; seconds per optimizer step, {args.steps} timed steps after one warm-up"
+    )
+    print(
+        f"{args.batch} completions per step in groups of {args.generations}, {args.sft_batch} SFT examples\n"
+    )
     header = "| params | length | method | step s | " + " | ".join(PHASES) + " | peak MB |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -195,7 +248,7 @@ def main():
         print(f"| {r['params'] / 1e6:.2f}M | {r['length']} | {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} | "
               f"{r['extra_compute_s']:.3f} | {r['adapter_s']:.3f} | {r['bookkeeping_s']:.3f} | {r['bookkeeping_over_extra_compute']:.1%} |")  # fmt: skip
     with open(args.output, "w") as f:
-        json.dump({"device": device, "rows": rows}, f, indent=1)
+        json.dump({"device": device, "model": args.model, "shape": shape, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

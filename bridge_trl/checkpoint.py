@@ -171,9 +171,16 @@ class BridgeCheckpointMixin:
         return base_state_dict(self._unwrapped())
 
     def get_shadow_state_dict(self) -> dict[str, torch.Tensor]:
-        """θ̂, keyed like the un-wrapped model's `state_dict()`, on the CPU (tied weights stay tied)."""
-        if self._ensure_shadow() is None:
+        """θ̂, keyed like the un-wrapped model's `state_dict()`, on the CPU (tied weights stay tied).
+
+        Works before, during (e.g. from a callback; collective under ZeRO-3, like the other accessors) and after
+        training, on every backend.
+        """
+        if self.args.method != "bridge":
             raise ValueError(f"method={self.args.method!r} has no shadow weights θ̂.")
+        # Under DeepSpeed θ̂ is built from the engine, which `train()` creates; before that θ̂ = θ⁰ = θ (Alg. 2, l. 1).
+        if self._ensure_shadow() is None:
+            return self.get_base_state_dict()
         with self.shadow.swapped_in():
             return base_state_dict(self._unwrapped())
 

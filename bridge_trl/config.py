@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -9,7 +10,11 @@ from trl import GRPOConfig
 
 from .methods import METHODS
 
+logger = logging.getLogger(__name__)
+
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
+# Below this, an SGD-stepped θ̂ barely leaves θ⁰ (Adam-scale rates are ~1e-7 to 1e-4; SGD on LMs needs ~1e-2+).
+SGD_SHADOW_MIN_LR = 1e-3
 SHADOW_ROLLOUTS = ("shared", "own")
 
 
@@ -37,7 +42,12 @@ class BridgeConfig(GRPOConfig):
     )
     cold_start_sft_ratio: float = field(
         default=0.5,
-        metadata={"help": "cold_start: fraction of `max_steps` spent on SFT before switching to GRPO."},
+        metadata={
+            "help": "cold_start: fraction of `max_steps` spent on SFT before switching to GRPO. Cold start is a "
+            "two-stage pipeline: at the switch θ's optimizer state is reset (moments, step counts), and each phase "
+            "follows `lr_scheduler_type` over its own length, with `warmup_ratio`/`warmup_steps` applied from its "
+            "own start, so the RL phase is a GRPO run started from the SFT model."
+        },
     )
     cold_start_sft_steps: int | None = field(
         default=None,
@@ -46,8 +56,9 @@ class BridgeConfig(GRPOConfig):
     sft_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "alternating: learning rate of the SFT update (α_SFT of Algorithm 1; `learning_rate` is α_RL). "
-            "Defaults to `learning_rate`. It follows the same scheduler."
+            "help": "Learning rate of the SFT updates of `alternating` (α_SFT of Algorithm 1) and of `cold_start`'s "
+            "SFT phase; `learning_rate` is then the RL rate α_RL. Defaults to `learning_rate`. It follows the "
+            "same scheduler (cold start: the SFT phase's own schedule)."
         },
     )
     adapter_learning_rate: float | None = field(
@@ -118,7 +129,8 @@ class BridgeConfig(GRPOConfig):
         default="same",
         metadata={
             "help": "Optimizer of θ̂: 'same' (the kind `optim` names, with its own state) or 'sgd' (plain SGD, "
-            "which keeps no state at all)."
+            "which keeps no state at all, at `learning_rate`; at adaptive-optimizer rates such as 5e-7 θ̂ then barely "
+            "moves from θ⁰, which a warning points out)."
         },
     )
     save_merged: bool = field(
@@ -126,6 +138,49 @@ class BridgeConfig(GRPOConfig):
         metadata={
             "help": "Also write the policy with the adapter merged into the base under `<output_dir>/merged`, "
             "loadable with `AutoModelForCausalLM.from_pretrained` alone."
+        },
+    )
+    # CHORD (arXiv 2508.11408; `bridge_trl.chord`) and LUFFY (arXiv 2504.14945; `bridge_trl.luffy`)
+    chord_mu_peak: float = field(
+        default=0.1,
+        metadata={
+            "help": "chord: μ at the end of the warm-up, the SFT weight in (1-μ) L_GRPO + μ L_SFT-φ. Must be in [0, 1]. "
+            "The default (0.1, constant) is the reference's CHORD-φ setting."
+        },
+    )
+    chord_mu_valley: float = field(
+        default=0.1,
+        metadata={"help": "chord: μ after the cosine decay, held to the end of training. Must be in [0, 1]."},
+    )
+    chord_mu_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "chord: optimizer steps over which μ rises linearly from 0 to `chord_mu_peak`."},
+    )
+    chord_mu_decay_steps: int = field(
+        default=0,
+        metadata={
+            "help": "chord: optimizer steps, after the warm-up, over which μ decays from `chord_mu_peak` to "
+            "`chord_mu_valley` along a cosine. 0 jumps to the valley."
+        },
+    )
+    chord_phi: bool = field(
+        default=True,
+        metadata={
+            "help": "chord: weight each SFT token's NLL by φ = p(1-p), p its probability under the current policy "
+            "(detached). False gives CHORD-μ: the plain token-mean NLL."
+        },
+    )
+    luffy_num_off_policy: int = field(
+        default=1,
+        metadata={
+            "help": "luffy: rollouts of each group replaced by the prompt's expert trace (the last ones of the group), "
+            "for prompts that have a trace in `sft_dataset`. Must be in [1, num_generations - 1]."
+        },
+    )
+    luffy_shaping_gamma: float = field(
+        default=0.1,
+        metadata={
+            "help": "luffy: γ of the off-policy importance weight f(π) = π / (π + γ), unclipped. Must be > 0."
         },
     )
 
@@ -172,9 +227,47 @@ class BridgeConfig(GRPOConfig):
             raise ValueError(f"`shadow_offload` must be 'none' or 'cpu', got {self.shadow_offload!r}.")
         if self.shadow_optimizer not in ("same", "sgd"):
             raise ValueError(f"`shadow_optimizer` must be 'same' or 'sgd', got {self.shadow_optimizer!r}.")
+        optim = str(getattr(self.optim, "value", self.optim))
+        if self.method == "bridge" and self.shadow_optimizer == "sgd" and "sgd" not in optim:
+            if self.learning_rate <= SGD_SHADOW_MIN_LR:
+                logger.warning(
+                    "shadow_optimizer='sgd' steps θ̂ by plain SGD at learning_rate=%g, a rate tuned for `%s`. An "
+                    "SGD step is lr × gradient (no per-parameter normalisation), so at adaptive-optimizer rates θ̂ "
+                    "stays ≈ θ⁰ and the cooperative-gain term of w's update (Eq. 11) compares θ with the initial "
+                    "model. Use shadow_optimizer='same' (θ̂ gets an optimizer like θ's), or an SGD-scale rate.",
+                    self.learning_rate, optim,
+                )  # fmt: skip
         if self.fp16:
             # The shadow's gradients bypass the fp16 GradScaler's unscale/skip logic; bf16 needs no scaler.
             raise ValueError("`fp16=True` is not supported by BridgeTrainer: use `bf16=True`.")
+        self._check_chord_luffy()
+
+    def _check_chord_luffy(self) -> None:
+        for name in ("chord_mu_peak", "chord_mu_valley"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
+        for name in ("chord_mu_warmup_steps", "chord_mu_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.luffy_shaping_gamma <= 0:
+            raise ValueError(f"`luffy_shaping_gamma` must be > 0, got {self.luffy_shaping_gamma}.")
+        if self.method != "luffy":
+            return
+        if not 1 <= self.luffy_num_off_policy < (self.num_generations or 0):
+            raise ValueError(
+                f"`luffy_num_off_policy` must be in [1, num_generations - 1] = [1, {(self.num_generations or 0) - 1}] "
+                f"so that each group keeps an on-policy rollout, got {self.luffy_num_off_policy}."
+            )
+        if (
+            self.loss_type != "dapo"
+        ):  # LUFFY's loss is one token mean over the whole mixed batch: TRL's 'dapo'
+            raise ValueError(
+                f"method='luffy' needs `loss_type='dapo'` (one token mean), got {self.loss_type!r}."
+            )
+        if self.use_liger_kernel:
+            raise ValueError(
+                "method='luffy' does not support `use_liger_kernel`: its loss reads per-token log-probs."
+            )
 
     def lambda_at(self, step: int, max_steps: int) -> float:
         """λ(k) for optimizer step `step` (0-based) of a run of `max_steps` steps."""

@@ -11,13 +11,15 @@ handed the same RL prompt batch and the same SFT batch positions, and each uses 
 | `rl`          | GRPO only (RL-zero)                                                      |
 | `sft`         | SFT only                                                                 |
 | `cold_start`  | SFT for the first steps, then GRPO                                       |
+| `chord`       | (1-μ) L_GRPO + μ L_SFT-φ on θ, μ(k) scheduled (`bridge_trl.chord`)      |
+| `luffy`       | GRPO on groups where expert traces replace rollouts (`bridge_trl.luffy`) |
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("bridge", "mix", "alternating", "rl", "sft", "cold_start")
+METHODS = ("bridge", "mix", "alternating", "rl", "sft", "cold_start", "chord", "luffy")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ def cold_start_switch(sft_steps: int | None, sft_ratio: float, max_steps: int) -
 
 
 def step_plan(method: str, lam: float, step: int, switch: int) -> StepPlan:
-    """The plan of optimizer step `step` (0-based); `switch` is cold start's first RL step."""
+    """The plan of optimizer step `step` (0-based); `switch` is cold start's first RL step. For `chord`, `lam` is
+    μ(k), the SFT weight."""
     if method == "bridge":
         return StepPlan(sft=True, rl=True, sft_weight=1.0 - lam, rl_weight=lam, shadow=True)
     if method == "mix":
@@ -55,4 +58,8 @@ def step_plan(method: str, lam: float, step: int, switch: int) -> StepPlan:
         return StepPlan(sft=True, rl=False, sft_weight=1.0)
     if method == "alternating":
         return StepPlan(sft=False, rl=True, rl_weight=1.0, sft_after=True)
+    if method == "chord":  # CHORD's single update of θ on (1 − μ) L_GRPO + μ L_SFT-φ
+        return StepPlan(sft=True, rl=True, sft_weight=lam, rl_weight=1.0 - lam)
+    if method == "luffy":  # GRPO's step; the traces enter through the rollouts and the loss (`LuffyMixin`)
+        return StepPlan(sft=False, rl=True, rl_weight=1.0)
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")

@@ -8,7 +8,9 @@ ZeRO-1/2/3) rather than on the algorithm:
 - `create_optimizer` builds θ (lr α) and w (lr β) as groups of one optimizer, θ̂'s optimizer and alternating's SFT
   optimizer; `_extra_step` steps the last two like the main one (clipped, on its schedule);
 - `_ensure_shadow` builds θ̂ from the engine's state once DeepSpeed has prepared the model;
-- `_deepspeed_step` takes the engine's step once per optimizer step, then θ̂'s.
+- `_deepspeed_step` takes the engine's step once per optimizer step, then θ̂'s;
+- `create_scheduler` and `_maybe_start_rl_phase` make cold start a two-stage pipeline (a schedule per phase, fresh
+  optimizer state at the switch).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import logging
 from contextlib import nullcontext
 
 import torch
+from transformers import get_scheduler
 
+from .methods import cold_start_switch
 from .shadow import split_parameters
 from .zero import Zero2ShadowWeights, ZeroShadowWeights
 
@@ -61,10 +65,107 @@ class BridgeOptimizersMixin:
         else:
             self.accelerator.backward(loss)
 
+    def _clip_grad_norm(self, model):
+        """BRIDGE clips each update on the norm of its own gradient: θ's (Eq. 8) and w's (Eq. 11) here, θ̂'s (Eq. 10)
+        in `_extra_step`. Returns θ's norm (logged as `grad_norm`); w's is `bridge/adapter_grad_norm`.
+
+        One joint norm over θ and w would let the cooperative-gain term −λ ∇_w L_RL(θ̂, w), which only w's update
+        has, shrink θ's step, while θ̂ (clipped on its own norm) is not shrunk: at λ = 1 the two would then take
+        different RL steps from the same gradient. Per group, θ and θ̂ see the same rule, and `mix`/`rl` runs clip θ
+        exactly as before. Under DeepSpeed the engine clips inside its step with one norm over all of its
+        (flattened, partitioned) parameters, θ and w together: `gradient_clipping` cannot be split per group
+        there, so that backend keeps the joint norm for θ and w (θ̂ is still clipped on its own); a warning says so.
+        """
+        if self.args.method != "bridge" or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        base, adapter = split_parameters(self.model)
+        max_norm = self.args.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_([p for _, p in base], max_norm)
+        adapter_norm = self.accelerator.clip_grad_norm_([p for _, p in adapter], max_norm)
+        self._metrics["train"]["bridge/adapter_grad_norm"].append(adapter_norm.item())
+        return norm
+
     def _lr_factor(self) -> float:
-        """Where the learning-rate schedule stands: θ's current learning rate over its initial one."""
+        """Where the learning-rate schedule stands: θ's current learning rate over its initial one.
+
+        With `learning_rate=0` (θ frozen, e.g. alternating with only `sft_learning_rate`), the ratio is 0/0: the
+        schedule's own multiplier is read instead.
+        """
         group = self.optimizer.param_groups[0]
-        return group["lr"] / group["initial_lr"]
+        if group["initial_lr"] > 0:
+            return group["lr"] / group["initial_lr"]
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate wraps it
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return float(scheduler.lr_lambdas[0](scheduler.last_epoch))
+        return 1.0
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Cold start runs two trainings back to back, so each phase gets the configured schedule over its own length.
+
+        The SFT phase (steps [0, s)) is scheduled as an SFT run of s steps would be, and the RL phase (steps
+        [s, max_steps)) as a GRPO run of max_steps − s steps started from the SFT model: `warmup_ratio`/
+        `warmup_steps` and the decay apply to each phase relative to its own start. Together with the fresh
+        optimizer state of `_maybe_start_rl_phase`, the RL phase is exactly a separate GRPO run on the SFT weights.
+        Every other method uses one schedule over the whole run (Trainer's).
+        """
+        if self.args.method != "cold_start" or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        switch = min(self._cold_start_switch(num_training_steps), num_training_steps)
+        dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+        def phase(length: int):
+            if length <= 0:
+                return lambda step: 1.0
+            scheduler = get_scheduler(
+                self.args.lr_scheduler_type, optimizer=dummy, num_training_steps=length,
+                num_warmup_steps=self.args.get_warmup_steps(length),
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )  # fmt: skip
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise NotImplementedError(
+                    f"method='cold_start' needs a multiplicative (LambdaLR) schedule per phase; "
+                    f"lr_scheduler_type={self.args.lr_scheduler_type!r} is not one."
+                )
+            return scheduler.lr_lambdas[0]
+
+        sft, rl = phase(switch), phase(num_training_steps - switch)
+        # The SFT phase trains at `sft_learning_rate` (a separate SFT run would have its own rate): the optimizer's
+        # base lr is α_RL = `learning_rate`, so the SFT phase's multiplier carries α_SFT / α_RL.
+        sft_scale = (
+            self.args.sft_learning_rate / self.args.learning_rate if self.args.learning_rate > 0 else 0.0
+        )
+        # A closure, not a callable object: LambdaLR's state_dict then saves only the step count, and a resumed run
+        # rebuilds the same two phases from the config.
+        schedule = lambda step: sft_scale * sft(step) if step < switch else rl(step - switch)  # noqa: E731
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+        return self.lr_scheduler
+
+    def _cold_start_switch(self, max_steps: int | None = None) -> int:
+        max_steps = max(1, self.state.max_steps if max_steps is None else max_steps)
+        return cold_start_switch(self.args.cold_start_sft_steps, self.args.cold_start_sft_ratio, max_steps)
+
+    def _maybe_start_rl_phase(self, micro: int) -> None:
+        """Cold start, first micro-batch of step s: θ's optimizer forgets the SFT phase (moments and step counts).
+
+        A GRPO run on the SFT model starts from a fresh optimizer; so does the RL phase. Called at the start of step s
+        on every run, so a run resumed from a checkpoint taken before s resets here too, and one taken after s loads
+        the RL phase's own state.
+        """
+        if (
+            self.args.method != "cold_start"
+            or micro != 0
+            or self.state.global_step != self._cold_start_switch()
+        ):
+            return
+        inner = self.optimizer
+        while hasattr(inner, "optimizer"):  # accelerate's wrapper, DeepSpeed's ZeRO optimizer
+            inner = inner.optimizer
+        inner.state.clear()
+        for group in inner.param_groups:  # optimizers that count steps per group (DeepSpeed's FusedAdam)
+            group.pop("step", None)
+        logger.info(
+            "cold start: RL phase begins at step %d with a fresh optimizer state.", self.state.global_step
+        )
 
     def _extra_step(self, optimizer, clip_grad_norm, lr_factor: float) -> float:
         """Step θ̂'s or alternating's SFT optimizer like the main one: clipped, at the scheduled learning rate."""
@@ -99,6 +200,10 @@ class BridgeOptimizersMixin:
             self._build_shadow_optimizer()
         if args.method == "alternating":
             self.sft_optimizer = make([(base + adapter, args.sft_learning_rate)])
+            # One step's worth of weight decay per step: the RL update (θ's optimizer) applies it; the SFT update
+            # that follows at θ' (Algorithm 1, lines 9-11) does not decay θ a second time.
+            for group in self.sft_optimizer.param_groups:
+                group["weight_decay"] = 0.0
         # DeepSpeed steps its inner optimizer once per shard group: θ̂ steps in `_deepspeed_step` instead.
         if not self.is_deepspeed_enabled:
             self.optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -120,8 +225,17 @@ class BridgeOptimizersMixin:
         self.shadow_optimizer = self._make_optimizer([(shadow_named, self.args.learning_rate)], **stateless)
 
     def _ensure_shadow(self):
-        """θ̂; under DeepSpeed built on first use, from the engine's state of θ⁰, which exists once it is prepared."""
-        if self.shadow is None and self.args.method == "bridge" and self.is_deepspeed_enabled:
+        """θ̂; under DeepSpeed built on first use, from the engine's state of θ⁰, which exists once it is prepared.
+
+        None before then (and for methods without θ̂): until the first step θ̂ = θ⁰ = θ.
+        """
+        engine_ready = getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None
+        if (
+            self.shadow is None
+            and self.args.method == "bridge"
+            and self.is_deepspeed_enabled
+            and engine_ready
+        ):
             base, adapter = split_parameters(self._unwrapped())
             shadow_cls = ZeroShadowWeights if self._zero3 else Zero2ShadowWeights
             self.shadow = shadow_cls(base, [p for _, p in adapter], offload=self.args.shadow_offload == "cpu")

@@ -8,6 +8,8 @@ accumulation or across processes.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational
+
+from .chord import phi_weights
 
 TokenizePrompts = Callable[[list], tuple]
 
@@ -41,6 +45,14 @@ def _to_prompt_completion(example: dict, index: int) -> tuple:
     if not _has_text(prompt):
         raise ValueError(f"Row {index} of `sft_dataset` has an empty prompt.")
     return prompt, completion
+
+
+def normalize_question(text: str) -> str:
+    """A key under which the same problem from two datasets compares equal: case, spacing, `$` and
+    fraction-macro spelling ignored."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"\\[dt]frac", r"\\frac", text).replace("$", "")
+    return re.sub(r"\s+", "", text).rstrip(".")
 
 
 def validate_sft_dataset(dataset) -> None:
@@ -170,8 +182,11 @@ def collate(examples: list[dict], pad_token_id: int, normalizer: float, device) 
     return SFTBatch(as_tensor(ids), as_tensor(attn), as_tensor(cmask), normalizer)
 
 
-def sft_loss(model, batch: SFTBatch, fused_lm_head: bool) -> torch.Tensor:
+def sft_loss(model, batch: SFTBatch, fused_lm_head: bool, phi: bool = False) -> torch.Tensor:
     """This micro-batch's share of the step's L_SFT: Σ token NLL / `batch.normalizer`.
+
+    With `phi` (CHORD), each token's NLL is weighted by φ = p(1 − p), detached (`bridge_trl.chord.phi_weights`);
+    the normaliser is still the step's token count.
 
     With `fused_lm_head` the model was patched by TRL's `add_fused_lm_head` at temperature 1 and returns per-token
     log-probabilities without materialising (B, L, V) logits. Otherwise only the last C + 1 positions' logits are
@@ -191,7 +206,8 @@ def sft_loss(model, batch: SFTBatch, fused_lm_head: bool) -> torch.Tensor:
         ).logits[:, :-1]  # (B, C, V): position t predicts completion token t
         targets = batch.input_ids[:, -c_len:]
         token_logps = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    nll = -(token_logps * batch.completion_mask).sum()
+    weights = batch.completion_mask * phi_weights(token_logps) if phi else batch.completion_mask  # (B, C)
+    nll = -(token_logps * weights).sum()
     return nll / batch.normalizer
 
 
@@ -215,19 +231,29 @@ class SFTStream:
         # Batched reads of just the token columns: ~0.1 ms a micro-batch, against ~2 ms for `select` + rows.
         self._tokens = dataset.select_columns(["prompt_ids", "completion_ids"])
 
-    def step_positions(self, step: int, world: int) -> range:
+    def step_positions(self, step: int, world: int, micro_steps: int | None = None) -> range:
+        """Sampler positions the step trains on: its first `micro_steps` micro-batches (default: all) of all ranks.
+
+        A step's slot always spans `accumulation` micro-batches, so positions stay a function of the step; the
+        Trainer runs fewer micro-batches on an epoch's short last step, and only those count.
+        """
         size = self.per_device * self.accumulation * world
-        return range(step * size, (step + 1) * size)
+        used = self.per_device * min(micro_steps or self.accumulation, self.accumulation) * world
+        return range(step * size, step * size + used)
 
-    def step_tokens(self, step: int, world: int) -> int:
-        """Completion tokens of the step's global SFT batch."""
-        return self.num_tokens[[self.sampler[j] for j in self.step_positions(step, world)]].sum().item()
+    def step_tokens(self, step: int, world: int, micro_steps: int | None = None) -> int:
+        """Completion tokens of the step's global SFT batch (the micro-batches that run)."""
+        positions = self.step_positions(step, world, micro_steps)
+        return self.num_tokens[[self.sampler[j] for j in positions]].sum().item()
 
-    def micro_batch(self, step: int, micro: int, world: int, rank: int, device) -> SFTBatch:
+    def micro_batch(
+        self, step: int, micro: int, world: int, rank: int, device, micro_steps: int | None = None
+    ) -> SFTBatch:
         first = self.step_positions(step, world).start + (micro * world + rank) * self.per_device
         columns = self._tokens[[self.sampler[j] for j in range(first, first + self.per_device)]]
         pairs = zip(columns["prompt_ids"], columns["completion_ids"], strict=True)
         rows = [{"prompt_ids": p, "completion_ids": c} for p, c in pairs]
-        # Normalise by the tokens of the whole step (all micro-batches and ranks), divided by the number of ranks
-        # because their gradients are averaged: Σ_step NLL / N_step, however the batch is split.
-        return collate(rows, self.pad_token_id, max(self.step_tokens(step, world), 1) / world, device)
+        # Normalise by the tokens of the whole step (the micro-batches that run, all ranks), divided by the number
+        # of ranks because their gradients are averaged: Σ_step NLL / N_step, however the batch is split.
+        tokens = self.step_tokens(step, world, micro_steps)
+        return collate(rows, self.pad_token_id, max(tokens, 1) / world, device)

@@ -170,16 +170,17 @@ class ShadowWeights(ShadowState):
             for live, shadow in zip(self.live, self.params, strict=True):
                 live.data, shadow.data = shadow.data, live.data
                 live.grad, shadow.grad = shadow.grad, live.grad
-        elif not self.active:  # in: θ̂ to θ's device, θ and its gradient set aside
+        elif not self.active:  # in: θ̂ and its gradient so far to θ's device, θ and its gradient set aside
+            # θ̂'s gradient accumulated over the step's earlier micro-batches goes in with it, as in the resident
+            # case: DDP all-reduces the *accumulated* `.grad` at the step's last backward (earlier ones run under
+            # no_sync), so a gradient kept aside on the CPU would stay rank-local and θ̂ would drift across ranks.
             self._stash = [(live.data, live.grad) for live in self.live]
             for live, shadow in zip(self.live, self.params, strict=True):
                 live.data = shadow.data.to(live.device, non_blocking=True)
-                live.grad = None
-        else:  # out: θ̂'s gradient home (accumulated over micro-batches), θ back
+                live.grad = None if shadow.grad is None else shadow.grad.to(live.device, non_blocking=True)
+        else:  # out: θ̂'s gradient (all micro-batches so far) home, θ back
             for live, shadow, (data, grad) in zip(self.live, self.params, self._stash, strict=True):
-                if live.grad is not None:
-                    moved = live.grad.to("cpu")
-                    shadow.grad = moved if shadow.grad is None else shadow.grad.add_(moved)
+                shadow.grad = None if live.grad is None else live.grad.to("cpu")
                 live.data, live.grad = data, grad
             self._stash = []
         self.active = not self.active

@@ -18,13 +18,15 @@ from trl.models.utils import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
 from .checkpoint import BridgeCheckpointMixin
+from .chord import mu_at
 from .config import BridgeConfig
-from .gain import GainMeter
-from .methods import StepPlan, cold_start_switch, step_plan
+from .gain import GainMeter, GainMixin
+from .luffy import LuffyMixin
+from .methods import StepPlan, step_plan
 from .optim import BridgeOptimizersMixin
 from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
 from .shadow import ShadowWeights, split_parameters
-from .vllm_sync import install_vllm_sync
+from .vllm_sync import install_vllm_sync, shadow_importance_sampling
 from .zero import check_backend, initial_reference
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # Keys of a prepared GRPO batch that describe the sampling policy π(θ, w); the shadow is scored against its own
-# detached log-probs instead (DESIGN.md §2), so they are dropped from its inputs.
+# detached log-probs instead (DESIGN.md §2), so they are dropped from its inputs. With vLLM's importance-sampling
+# correction, θ̂ gets its own ratio π(θ̂, w)/μ (`bridge_trl.vllm_sync.shadow_importance_sampling`).
 _SAMPLER_KEYS = ("old_per_token_logps", "importance_sampling_ratio", "sampling_per_token_logps")
 
 
@@ -49,7 +52,7 @@ def default_peft_config() -> LoraConfig:
     )
 
 
-class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
+class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, LuffyMixin, GRPOTrainer):
     """
     Trainer for BRIDGE: cooperative SFT and RL by bilevel optimisation (https://huggingface.co/papers/2509.06948).
 
@@ -65,13 +68,15 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
     once from π(θ, w) and shared by θ̂ (or, with `shadow_rollouts="own"`, sampled by θ̂ from π(θ̂, w)).
 
     `method` also runs the paper's baselines from the same loop, data and budget (`bridge_trl.methods`): `mix`,
-    `alternating`, `rl`, `sft` and `cold_start`. They train θ only, with no adapter unless `peft_config` is given.
+    `alternating`, `rl`, `sft` and `cold_start`, and CHORD and LUFFY (`chord`, `luffy`: `bridge_trl.chord`,
+    `bridge_trl.luffy`). They train θ only, with no adapter unless `peft_config` is given.
 
     Hooks overridden, everything else is GRPOTrainer's: `training_step` (Algorithm 2) and `log` (data consumed)
     here; `create_optimizer` (α/β groups, θ̂'s optimizer, alternating's SFT optimizer) in `bridge_trl.optim`;
     `save_model` (θ plus adapter), `train` (complete checkpoints only), `_load_from_checkpoint`,
     `_save_optimizer_and_scheduler` and `_load_optimizer_and_scheduler` (θ̂ and the extra optimizers) in
-    `bridge_trl.checkpoint`. With `use_vllm`, the weights synced to vLLM are π(θ, w) (`bridge_trl.vllm_sync`).
+    `bridge_trl.checkpoint`; `_generate_single_turn`, `_generate_and_score_completions`, `_compute_loss` (luffy
+    only) in `bridge_trl.luffy`. With `use_vllm`, the weights synced to vLLM are π(θ, w) (`bridge_trl.vllm_sync`).
 
     Args:
         sft_dataset: (prompt, reasoning trace + answer) pairs in TRL's SFT formats: `prompt`/`completion` (strings,
@@ -126,7 +131,8 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
                              peft_config=peft_config, **kwargs)  # fmt: skip
         finally:
             args.beta = self.beta = beta
-        check_backend(args.method, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled, args)
+        check_backend(args.method, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled, args,
+                      self.model)  # fmt: skip
         if self.use_vllm:  # vLLM gets π(θ, w): θ with w merged, out of place, one tensor at a time
             install_vllm_sync(self.vllm_generation, self.model)
         if reference is not None:
@@ -148,7 +154,9 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         )  # fmt: skip
         self.sft_stream = SFTStream(self.sft_dataset, args.seed, args.per_device_sft_batch_size,
                                     args.gradient_accumulation_steps, self._tokenizer.pad_token_id)  # fmt: skip
+        self._init_luffy()  # luffy: the traces of the RL prompts (`bridge_trl.luffy`)
         self._fused_sft = self.temperature == 1.0  # the fused LM head is bound to GRPO's sampling temperature
+        self._chord_phi = args.method == "chord" and args.chord_phi
         self._step_sums = torch.zeros(4, dtype=torch.float64)  # sft, rl, shadow losses; rl tokens
         self.gain, self._shadow_buffer = GainMeter(), None  # cooperative gain; θ̂'s rollouts ('own')
         self.consumed = dict.fromkeys(("sft_samples", "sft_tokens", "rl_samples", "rl_tokens"), 0)
@@ -173,6 +181,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         model.train()
         plan, lam = self.step_plan(), self.current_lambda()
         micro = self._step % self.args.gradient_accumulation_steps
+        self._maybe_start_rl_phase(micro)  # cold start: the RL phase starts from a fresh optimizer
         sft = rl = shadow = torch.zeros((), device=self.accelerator.device)
         if plan.rl:  # GRPO: rollouts from π(θᵏ, wᵏ), rewards, group advantages
             raw_inputs, rewards_before = inputs, len(self._metrics["train"]["reward"])
@@ -183,7 +192,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         if plan.sft:
             batch = self._sft_micro_batch(micro)
             sft = self._weighted_backward(
-                lambda: sft_loss(model, batch, self._fused_sft), plan.sft_weight, "sft"
+                lambda: sft_loss(model, batch, self._fused_sft, phi=self._chord_phi), plan.sft_weight, "sft"
             )
         # The gain meter (shared rollouts) reads the per-token log-probs that both RL passes compute anyway.
         measure = plan.shadow and self.args.shadow_rollouts == "shared"
@@ -202,7 +211,8 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
                 shadow_inputs = self._shadow_inputs(raw_inputs, inputs)
                 # ZeRO-1/2: the bare module, outside the engine's gradient hooks (`bridge_trl.zero`)
                 shadow_model = self.model if self._shadow_bypasses_engine else model
-                with self.gain.capture(self, "shadow") if measure else nullcontext():
+                capture = self.gain.capture(self, "shadow") if measure else nullcontext()
+                with capture, shadow_importance_sampling(self, shadow_inputs):  # vLLM: θ̂'s own IS ratio
                     compute = lambda: self.compute_loss(shadow_model, shadow_inputs)  # noqa: E731
                     shadow = self._weighted_backward(compute, 1.0, "shadow")
             if measure:
@@ -235,7 +245,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         if self.step_plan().sft_after:  # Algorithm 1, lines 9-11: SFT at θ', the point the RL update reached
             self.model.zero_grad(set_to_none=True)  # the RL gradient has been applied
             total = 0.0
-            for micro in range(self.args.gradient_accumulation_steps):
+            for micro in range(self._micro_steps()):
                 batch = self._sft_micro_batch(micro)
                 compute = lambda b=batch: sft_loss(self.model_wrapped, b, self._fused_sft)  # noqa: E731
                 loss = self._weighted_backward(compute, 1.0)
@@ -258,9 +268,14 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
 
     def step_plan(self) -> StepPlan:
         """What the current optimizer step computes under `args.method` (`bridge_trl.methods`)."""
-        max_steps = max(1, self.state.max_steps)
-        switch = cold_start_switch(self.args.cold_start_sft_steps, self.args.cold_start_sft_ratio, max_steps)
-        return step_plan(self.args.method, self.current_lambda(), self.state.global_step, switch)
+        weight = self.current_mu() if self.args.method == "chord" else self.current_lambda()
+        return step_plan(self.args.method, weight, self.state.global_step, self._cold_start_switch())
+
+    def current_mu(self) -> float:
+        """CHORD's μ(k) at the current optimizer step k (`bridge_trl.chord.mu_at`)."""
+        a = self.args
+        return mu_at(self.state.global_step, a.chord_mu_warmup_steps, a.chord_mu_decay_steps, a.chord_mu_peak,
+                     a.chord_mu_valley)  # fmt: skip
 
     def current_lambda(self) -> float:
         """λ(k) at the current optimizer step k."""
@@ -279,14 +294,21 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
     def _sft_micro_batch(self, micro: int):
         """This rank's slice of the step's SFT batch (`SFTStream`): a pure function of the step, so resumes are exact."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        return self.sft_stream.micro_batch(
-            self.state.global_step, micro, world, rank, self.accelerator.device
+        return self.sft_stream.micro_batch(self.state.global_step, micro, world, rank, self.accelerator.device,
+                                           self._micro_steps())  # fmt: skip
+
+    def _micro_steps(self) -> int:
+        """Micro-batches the current optimizer step runs (fewer than `gradient_accumulation_steps` on an epoch's
+        short last step)."""
+        return (
+            getattr(self, "current_gradient_accumulation_steps", None)
+            or self.args.gradient_accumulation_steps
         )
 
     def _count_sft_step(self) -> None:
-        world = self.accelerator.num_processes
-        self.consumed["sft_samples"] += len(self.sft_stream.step_positions(self.state.global_step, world))
-        self.consumed["sft_tokens"] += self.sft_stream.step_tokens(self.state.global_step, world)
+        step, world, micro_steps = self.state.global_step, self.accelerator.num_processes, self._micro_steps()
+        self.consumed["sft_samples"] += len(self.sft_stream.step_positions(step, world, micro_steps))
+        self.consumed["sft_tokens"] += self.sft_stream.step_tokens(step, world, micro_steps)
 
     def _shadow_inputs(self, raw_inputs, inputs):
         """The batch L_RL(θ̂, w) is computed on (DESIGN.md §2), with θ̂ swapped in.
@@ -295,7 +317,11 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
         from π(θ̂, w), generated, scored and buffered exactly like GRPO's own (a second generation per step).
         """
         if self.args.shadow_rollouts == "shared":
-            return {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
+            shadow_inputs = {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
+            if self.use_vllm and self.vllm_importance_sampling_correction:  # μ for θ̂'s own ratio (vllm_sync)
+                sampling, joint = inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]
+                shadow_inputs["sampler_logps"] = torch.where(sampling.isnan(), joint, sampling)
+            return shadow_inputs
         joint_buffer, self._buffered_inputs = self._buffered_inputs, self._shadow_buffer
         if self.use_vllm:  # push π(θ̂, w) now, and π(θ, w) again before the next joint generation
             self._last_loaded_step = -1
@@ -356,6 +382,10 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GRPOTrainer):
                 metrics[key].append(value)  # J_RL(θ,w) − J_RL(θ̂,w), `bridge_trl.gain`
         if self.args.method in ("bridge", "mix"):
             metrics["bridge/lambda"].append(lam)
+        if (
+            self.args.method == "chord"
+        ):  # bridge/sft_loss is then the φ-weighted L_SFT-φ (unless chord_phi=False)
+            metrics["bridge/mu"].append(self.current_mu())
         self._step_sums.zero_()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -26,6 +26,7 @@ device, so the optimizer must not be offloaded (`offload_optimizer`); θ̂ itsel
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,8 @@ from torch import nn
 from trl.trainer.utils import create_model_from_path
 
 from .shadow import ShadowState, is_zero3_param
+
+logger = logging.getLogger(__name__)
 
 
 def _dp_average(tensors: list[torch.Tensor], group, device: torch.device) -> None:
@@ -51,13 +54,25 @@ def _dp_average(tensors: list[torch.Tensor], group, device: torch.device) -> Non
         t.copy_(buffer.div_(world))
 
 
-def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool, args=None) -> None:
+def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool, args=None, model=None) -> None:
     """BRIDGE runs on one device, DDP or DeepSpeed ZeRO-1/2/3; say clearly what is not supported, and why."""
     if fsdp:
         raise NotImplementedError(
             "BridgeTrainer does not support FSDP; use DeepSpeed ZeRO-3, DDP or one device."
         )
     if not deepspeed:
+        # Without DeepSpeed there is no fp32 master: the optimizer would update bf16/fp16 weights in place, and an
+        # update below half a unit in the last place (~0.4% of the weight in bf16) rounds away, so at lr ~5e-7 θ
+        # and θ̂ barely move (20 AdamW steps changed ~1% of the weights). DeepSpeed keeps an fp32 master.
+        params = model.parameters() if model is not None else ()  # θ is trained in full by every method
+        half = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+        if half:
+            raise ValueError(
+                f"The trained weights are {', '.join(half)}, and without DeepSpeed nothing keeps an fp32 master "
+                "copy: small updates round away. Load the model in float32 (`dtype: float32`, i.e. "
+                "model_init_kwargs={'dtype': 'float32'}) and train with `bf16: true` (autocast), or run under "
+                "DeepSpeed (configs/accelerate/zero2.yaml or zero3.yaml), which keeps fp32 master weights."
+            )
         return
     plugin = accelerator.state.deepspeed_plugin
     if method == "alternating":
@@ -80,6 +95,11 @@ def check_backend(method: str, accelerator, deepspeed: bool, fsdp: bool, args=No
         raise ValueError(
             "method='bridge' builds its optimizers itself (θ at `learning_rate`, w at `adapter_learning_rate`, θ̂ "
             "like θ): remove the 'optimizer' block from the DeepSpeed config and set `optim` instead."
+        )
+    if (getattr(args, "max_grad_norm", 0) or 0) > 0:
+        logger.warning(
+            "Under DeepSpeed the engine clips θ and w with one joint gradient norm (`gradient_clipping`); on one "
+            "device or DDP BRIDGE clips θ, w and θ̂ each on its own norm. θ̂ is clipped on its own here too."
         )
     reentrant = args is not None and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
     if plugin.zero_stage < 3 and args is not None and args.gradient_checkpointing and reentrant:

@@ -19,9 +19,16 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from bridge_trl import BridgeConfig, BridgeTrainer, default_peft_config
-from bridge_trl.data import DEEPMATH_HUB_ID, LIMR_HUB_ID, MATH_HUB_ID, load_rl_dataset, load_sft_dataset
-from bridge_trl.evaluate import main as evaluate_main
-from bridge_trl.rewards import make_accuracy_reward
+from bridge_trl.maths.data import (
+    DEEPMATH_HUB_ID,
+    LIMR_HUB_ID,
+    MATH_HUB_ID,
+    load_rl_dataset,
+    load_sft_dataset,
+    load_solutions_sft_dataset,
+)
+from bridge_trl.maths.evaluate import main as evaluate_main
+from bridge_trl.maths.rewards import make_accuracy_reward
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,8 @@ class ScriptArguments:
         default="deepmath",
         metadata={
             "help": "'deepmath': R1 traces paired with the RL queries, as in the paper; 'trl': a dataset already "
-            "in TRL's SFT format (`prompt`/`completion` or `messages`)."
+            "in TRL's SFT format (`prompt`/`completion` or `messages`); 'solutions': problems with worked "
+            "solutions (`problem`/`solution`, e.g. MATH), rendered with `prompt_template`."
         },
     )
     pair_sft_with_rl: bool = field(
@@ -70,11 +78,13 @@ class ScriptArguments:
     reward_timeout_s: float = field(default=10.0, metadata={"help": "Time limit per verified completion."})
     eval_after_training: bool = field(
         default=False,
-        metadata={"help": "Score the trained policy on the five benchmarks (bridge_trl.evaluate)."},
+        metadata={"help": "Score the trained policy on the five benchmarks (bridge_trl.maths.evaluate)."},
     )
     eval_args: str = field(
         default="",
-        metadata={"help": "Extra `python -m bridge_trl.evaluate` flags, e.g. '--data_dir DIR --limit 50'."},
+        metadata={
+            "help": "Extra `python -m bridge_trl.maths.evaluate` flags, e.g. '--data_dir DIR --limit 50'."
+        },
     )
 
 
@@ -98,6 +108,14 @@ def load_sft(script_args: ScriptArguments):
             else load_dataset(source, split="train")
         )
         return data.select(range(min(len(data), script_args.max_sft_samples or len(data))))
+    if script_args.sft_format == "solutions":
+        return load_solutions_sft_dataset(
+            script_args.sft_dataset, template=script_args.prompt_template, limit=script_args.max_sft_samples
+        )
+    if script_args.sft_format != "deepmath":
+        raise ValueError(
+            f"Unknown `sft_format` {script_args.sft_format!r}: use 'deepmath', 'trl' or 'solutions'."
+        )
     rl_sources = (
         [RL_SOURCES.get(n, n) for n in script_args.rl_datasets] if script_args.pair_sft_with_rl else None
     )

@@ -1,5 +1,6 @@
 """Algorithm 2, checked against independent computations on a tiny model (DESIGN.md §1)."""
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -147,3 +148,36 @@ def test_stateless_sgd_shadow_optimizer(tmp_path, make_model, tokenizer, rl_data
     theta1, shadow1, _ = snapshot(trainer)
     assert isinstance(trainer.shadow_optimizer, torch.optim.SGD) and len(trainer.shadow_optimizer.state) == 0
     assert_dicts_close(theta1, shadow1, atol=1e-7, rtol=0)
+
+
+def _norm(d: dict, tied=("lm_head.weight",)) -> float:
+    return sum(v.double().pow(2).sum().item() for k, v in d.items() if k not in tied) ** 0.5
+
+
+def test_clipping_is_per_update(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
+    """max_grad_norm clips θ (Eq. 8), w (Eq. 11) and θ̂ (Eq. 10) each on the norm of its own gradient.
+
+    An unclipped SGD step gives the three gradients g = −Δ/lr; with clipping active on all three, each clipped
+    step must be Δ · c / ‖g‖ for its own g (computed here by hand). A joint θ+w norm would shrink θ's step by the
+    cooperative-gain term that only w's gradient carries.
+    """
+    alpha, beta = 0.2, 0.07
+    common = dict(peft_config=lora(), learning_rate=alpha, adapter_learning_rate=beta, bridge_lambda=0.5,
+                  **{**SGD, "max_grad_norm": 0.0})  # fmt: skip
+    free = make_trainer(tmp_path / "free", make_model(), tokenizer, rl_dataset, sft_dataset, **common)
+    start = snapshot(free)
+    free.train()
+    steps = [diff(a, b) for a, b in zip(snapshot(free), start, strict=True)]  # Δθ, Δθ̂, Δw
+    norms = [_norm(d) / lr for d, lr in zip(steps, (alpha, alpha, beta), strict=True)]  # ‖g_θ‖, ‖g_θ̂‖, ‖g_w‖
+    c = 0.5 * min(norms)
+    assert max(norms) / min(norms) > 1.5  # different norms, so a shared factor would show
+
+    clipped = make_trainer(tmp_path / "clip", make_model(), tokenizer, rl_dataset, sft_dataset,
+                           **{**common, "max_grad_norm": c})  # fmt: skip
+    clipped.train()
+    for got, before, d, norm in zip(snapshot(clipped), start, steps, norms, strict=True):
+        assert_dicts_close(diff(got, before), {k: v * c / norm for k, v in d.items()}, atol=1e-7, rtol=1e-4)
+    log = clipped.state.log_history[0]
+    assert log["grad_norm"] == pytest.approx(norms[0], rel=1e-4)
+    assert log["bridge/shadow_grad_norm"] == pytest.approx(norms[1], rel=1e-4)
+    assert log["bridge/adapter_grad_norm"] == pytest.approx(norms[2], rel=1e-4)

@@ -76,13 +76,20 @@ def test_shipped_recipes_parse():
     from train_bridge import ScriptArguments
 
     recipes = sorted((ROOT / "configs/recipes").glob("*/*.yaml"))
-    assert len(recipes) == 18  # three models × six methods
+    cpu_recipes = [
+        r for r in recipes if r.parent.name == "SmolLM2-135M-Instruct"
+    ]  # tests/test_real.py runs them
+    assert len(recipes) - len(cpu_recipes) == 24  # the paper's three models × eight methods
+    assert sorted(r.stem for r in cpu_recipes) == ["bridge", "rl"]
     for recipe in recipes:
         parser = TrlParser((ScriptArguments, BridgeConfig, ModelConfig))
         script, training, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
-        assert training.method == recipe.stem and training.learning_rate == 5e-7
+        assert training.method == recipe.stem
         assert model.use_peft == (recipe.stem == "bridge")
-        assert training.num_generations in (5, 8)
+        if recipe not in cpu_recipes:
+            assert training.learning_rate == 5e-7 and training.num_generations in (5, 8)
+        else:
+            assert script.sft_format == "solutions" and training.report_to == ["tensorboard"]
 
 
 def test_wandb_offline_run_holds_bridge_metrics(tmp_path):

@@ -4,6 +4,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from datasets import Dataset
 
 from bridge_trl import BridgeConfig
@@ -172,3 +173,19 @@ def test_unsupported_deepspeed_setups_are_refused(method, stage, config, checkpo
     if stage == 3:  # the engine's own backward: reentrant checkpointing is fine (TRL forces it for PEFT)
         args.gradient_checkpointing_kwargs = {"use_reentrant": True}
         check_backend("bridge", accelerator, deepspeed=True, fsdp=False, args=args)
+
+
+@pytest.mark.parametrize("method", ["bridge", "rl"])
+def test_half_precision_weights_without_deepspeed_are_refused(tmp_path, make_model, tokenizer, rl_dataset,
+                                                              sft_dataset, method):  # fmt: skip
+    """No fp32 master outside DeepSpeed: bf16 weights would barely move at lr 5e-7; the error names the fix."""
+    model = make_model().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"float32.*bf16: true.*DeepSpeed"):
+        make_trainer(tmp_path, model, tokenizer, rl_dataset, sft_dataset, method=method)
+
+
+def test_bf16_update_rounds_away():
+    """Why: an AdamW step of lr 5e-7 on bf16 weights of size ~0.02 changes almost none of them."""
+    w = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    updated = (w.float() - 5e-7 * torch.sign(torch.randn(4096))).to(torch.bfloat16)
+    assert (updated != w).float().mean() < 0.05

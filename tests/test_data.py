@@ -8,23 +8,24 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from bridge_trl.data import (
+from bridge_trl.maths.data import (
     load_limr,
     load_math_level3to5,
     load_rl_dataset,
     load_sft_dataset,
+    load_solutions_sft_dataset,
     load_source,
     normalize_question,
     process_trace,
 )
-from bridge_trl.prompts import (
+from bridge_trl.maths.prompts import (
     BOXED_INSTRUCTION,
     PROMPT_TEMPLATES,
     format_completion,
     format_prompt,
     render_prompt,
 )
-from bridge_trl.rewards import MathVerifier
+from bridge_trl.maths.rewards import MathVerifier
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RL_FIXTURE = FIXTURES / "rl_tiny.jsonl"
@@ -77,7 +78,7 @@ def test_render_prompt_uses_the_chat_template(tokenizer):
 
 # ------------------------------------------------------------------------------------------- RL sets
 def test_rl_loader_on_fixture(caplog):
-    with caplog.at_level(logging.WARNING, logger="bridge_trl.data"):
+    with caplog.at_level(logging.WARNING, logger="bridge_trl.maths.data"):
         ds = load_limr(str(RL_FIXTURE))
     assert ds.column_names == ["prompt", "answer"]
     assert len(ds) == 3  # the row with an empty answer is dropped, and said so
@@ -152,7 +153,7 @@ def test_normalize_question_and_think_modes():
 
 
 def test_deepmath_pairing(verifier, caplog):
-    with caplog.at_level(logging.INFO, logger="bridge_trl.data"):
+    with caplog.at_level(logging.INFO, logger="bridge_trl.maths.data"):
         ds = load_sft_dataset(str(DEEPMATH_FIXTURE), rl_sources=[str(RL_FIXTURE)], verifier=verifier)
     assert ds.column_names == ["prompt", "completion", "answer"]
     assert len(ds) == 2  # r1 and r2 matched; r3 has no DeepMath row
@@ -191,3 +192,24 @@ def test_deepmath_errors(tmp_path, verifier):
         load_sft_dataset(str(bad), rl_sources=None, verifier=verifier)
     with pytest.raises(ValueError, match="No SFT examples"):
         load_sft_dataset(str(DEEPMATH_FIXTURE), rl_sources=[str(RL_FIXTURE)], verifier=verifier, limit=0)
+
+
+def test_solutions_sft_dataset(tmp_path):
+    path = tmp_path / "math.jsonl"
+    rows = [
+        {"problem": "What is $1+1$?", "solution": " So $1+1=\\boxed{2}$. "},
+        {"problem": "Q2", "solution": "A2"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_solutions_sft_dataset(path, template="chat", limit=1)
+    assert len(data) == 1
+    assert data[0]["prompt"] == format_prompt("What is $1+1$?", "chat")
+    assert data[0]["completion"] == [{"role": "assistant", "content": "So $1+1=\\boxed{2}$."}]
+    plain = load_solutions_sft_dataset(path, template="abel")
+    assert plain["completion"] == ["So $1+1=\\boxed{2}$.", "A2"]
+    path.write_text(json.dumps({"problem": "Q", "solution": "  "}) + "\n")
+    with pytest.raises(ValueError, match="row 0 has no text in column 'solution'"):
+        load_solutions_sft_dataset(path)
+    path.write_text(json.dumps({"problem": "Q", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="solution column 'solution' is missing"):
+        load_solutions_sft_dataset(path)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import bridge_trl.evaluate as ev
-from bridge_trl.eval_report import load_results, render_table
+import bridge_trl.maths.evaluate as ev
+from bridge_trl.maths.eval_report import load_results, render_table
 from bridge_trl.tiny import build_tiny_model
 
 SHARED_DATA = Path(

@@ -74,9 +74,16 @@ def test_mix_with_lambda_one_equals_rl(tmp_path, make_model, tokenizer, rl_datas
     assert_dicts_close(mix.get_base_state_dict(), rl.get_base_state_dict(), atol=1e-7, rtol=0)
 
 
-def test_alternating_applies_rl_then_sft_update(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
-    """θ¹ = θ' − α_SFT ∇L_SFT(θ'), where θ' is the RL update (which `rl` alone reaches from the same seed)."""
-    common = dict(learning_rate=0.2, per_device_sft_batch_size=len(sft_dataset), **SGD)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_alternating_applies_rl_then_sft_update(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset,
+                                                weight_decay):  # fmt: skip
+    """θ¹ = θ' − α_SFT ∇L_SFT(θ'), where θ' is the RL update (which `rl` alone reaches from the same seed).
+
+    With weight decay, θ' (the RL update) carries the step's decay and the SFT update adds none: one step's worth.
+    """
+    common = dict(
+        learning_rate=0.2, per_device_sft_batch_size=len(sft_dataset), **{**SGD, "weight_decay": weight_decay}
+    )
     alt = theta_after(tmp_path / "a", make_model, tokenizer, rl_dataset, sft_dataset, method="alternating",
                       sft_learning_rate=0.05, **common)  # fmt: skip
     rl = theta_after(tmp_path / "r", make_model, tokenizer, rl_dataset, sft_dataset, method="rl", **common)

@@ -137,7 +137,36 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     straight = subprocess.run([sys.executable, str(script), str(tmp_path / "straight")], env=env, timeout=300,
                               capture_output=True, text=True)  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-3000:]
-    for a, b in zip(
-        torch.load(out / "states.pt"), torch.load(tmp_path / "straight" / "states.pt"), strict=True
-    ):
+    resumed_states, straight_states = (
+        torch.load(out / "states.pt"),
+        torch.load(tmp_path / "straight" / "states.pt"),
+    )
+    for a, b in zip(resumed_states[:3], straight_states[:3], strict=True):  # (θ, θ̂, w) at the end
         assert_dicts_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_accessors_before_during_and_after_training(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
+    """θ, θ̂ and w can be read before `train()` (θ̂ = θ⁰), from a callback, and after, with the same values."""
+    from transformers import TrainerCallback
+
+    trainer = make_trainer(tmp_path, make_model(), tokenizer, rl_dataset, sft_dataset, max_steps=2)
+    theta0 = make_model().state_dict()
+    before = snapshot(trainer)
+    assert_dicts_close(before[0], theta0, atol=0, rtol=0)
+    assert_dicts_close(before[1], theta0, atol=0, rtol=0)
+    during = {}
+
+    class Read(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            during[state.global_step] = snapshot(trainer)
+
+    trainer.add_callback(Read())
+    trainer.train()
+    after = snapshot(trainer)
+    for got, want in zip(during[2], after, strict=True):
+        assert_dicts_close(got, want, atol=0, rtol=0)
+    assert max((during[1][1][k] - during[1][0][k]).abs().max() for k in theta0) > 0  # θ̂ ≠ θ after step 1
+    rl = make_trainer(tmp_path / "rl", make_model(), tokenizer, rl_dataset, sft_dataset, method="rl")
+    with pytest.raises(ValueError, match="no shadow"):
+        rl.get_shadow_state_dict()
+    assert rl.get_adapter_state_dict() == {} and rl.get_base_state_dict().keys() == theta0.keys()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge_trl.rewards import (
+from bridge_trl.maths.rewards import (
     AccuracyReward,
     MathVerifier,
     accuracy_reward,
@@ -146,7 +146,7 @@ def test_plus_minus_one_variant_and_names():
 
 
 def test_unparseable_gold_scores_incorrect_with_a_warning(reward, caplog):
-    with caplog.at_level(logging.WARNING, logger="bridge_trl.rewards"):
+    with caplog.at_level(logging.WARNING, logger="bridge_trl.maths.pool"):
         assert reward(completions=[r"\boxed{1}", r"\boxed{1}"], answer=["", "\\boxed{"]) == [0.0, 0.0]
     assert caplog.text.count("could not parse the gold answer") == 2
 
@@ -179,7 +179,7 @@ def test_peer_cases_agreement(patient_reward):
 
 @pytest.mark.skipif(not (SHARED_DATA / "benchmarks").exists(), reason="shared data absent")
 def test_every_benchmark_gold_verifies_against_itself(patient_reward):
-    from bridge_trl.evaluate import BENCHMARKS, load_benchmark
+    from bridge_trl.maths.evaluate import BENCHMARKS, load_benchmark
 
     golds = [p["gold"] for name in BENCHMARKS for p in load_benchmark(name, SHARED_DATA / "benchmarks")]
     assert len(golds) == 500 + 272 + 675 + 30 + 40
@@ -237,9 +237,9 @@ def test_a_hang_that_ignores_signals_is_killed_and_counted(reward):
 
 
 def test_bad_worker_environment_is_a_clear_error(monkeypatch):
-    import bridge_trl.rewards as rewards
+    import bridge_trl.maths.pool as pool
 
-    monkeypatch.setattr(rewards, "_BOOTSTRAP", "import sys; sys.exit(3)")
+    monkeypatch.setattr(pool, "_BOOTSTRAP", "import sys; sys.exit(3)")
     verifier = MathVerifier(num_workers=1)
     with pytest.raises(RuntimeError, match="failed to start"):
         verifier.verify(["1"], [r"\boxed{1}"])

@@ -1,5 +1,6 @@
 """`shadow_rollouts="own"` (θ̂ samples its own rollouts) and the cooperative-gain meter (`bridge_trl.gain`)."""
 
+import itertools
 import math
 import zlib
 
@@ -8,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from bridge_trl import BridgeConfig, BridgeTrainer
-from bridge_trl.gain import GainMeter
+from bridge_trl.gain import GainMeter, gain_terms, reward_advantages
 
 from .conftest import toy_reward
 from .helpers import GRPO_DEFAULTS, assert_dicts_close, snapshot
@@ -75,21 +76,76 @@ def test_own_rollouts_train_the_shadow_on_its_own_samples(tmp_path, make_model, 
     assert shared.gain.logps == {} and own.gain.logps == {}  # nothing captured is left behind
 
 
-def test_gain_meter_matches_an_explicit_computation():
-    """E[A (1 − π(θ̂)/π(θ))] over completion tokens, accumulated over two micro-batches, against a direct loop."""
+def tiny_policy(seed: int) -> torch.Tensor:
+    """An autoregressive policy over V = 3 tokens, length 2: log p(y1) and log p(y2 | y1), as (V + 1, V) rows."""
+    return torch.log_softmax(
+        torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)).double() * 1.5, -1
+    )
+
+
+def sequence_logps(policy: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """(N, 2) per-token log-probs of sequences ys (N, 2)."""
+    return torch.stack([policy[0, ys[:, 0]], policy[1 + ys[:, 0], ys[:, 1]]], dim=1)
+
+
+def test_gain_is_exact_j_difference_in_expectation():
+    """Exact enumeration on a tiny vocabulary: E over every group of G = 3 completions from π(θ) of the meter's
+    estimate equals J(θ) − J(θ̂) = Σ_y (π_θ(y) − π_θ̂(y)) R(y), in reward units."""
+    theta, shadow = tiny_policy(0), tiny_policy(1)
+    seqs = torch.tensor(list(itertools.product(range(3), repeat=2)))  # all 9 sequences
+    reward = torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0, 7.0, -2.0, 1.0, 4.0], dtype=torch.float64)
+    p_theta, p_shadow = sequence_logps(theta, seqs).sum(1).exp(), sequence_logps(shadow, seqs).sum(1).exp()
+    exact = ((p_theta - p_shadow) * reward).sum().item()
+
+    group = 3
+    groups = torch.tensor(list(itertools.product(range(9), repeat=group)))  # all 729 groups, (729, G)
+    weight = p_theta[groups].prod(dim=1)  # probability of each group under π(θ)
+    ys = seqs[groups.view(-1)]
+    advantages = reward_advantages(reward[groups.view(-1)], group)
+    terms = gain_terms(
+        sequence_logps(theta, ys), sequence_logps(shadow, ys), torch.ones(len(ys), 2), advantages
+    )
+    expectation = (weight * terms.view(-1, group).mean(dim=1)).sum().item()
+    assert abs(exact) > 0.1
+    assert expectation == pytest.approx(exact, rel=1e-9, abs=1e-12)
+
+
+def test_gain_meter_averages_sequences_over_micro_batches():
+    """The meter's result: Σ (R − b)(1 − Π_t π̂_t/π_t) over masked tokens, over sequences of all micro-batches."""
     g = torch.Generator().manual_seed(0)
-    meter, expected_num, expected_den = GainMeter(), 0.0, 0.0
+    meter, expected = GainMeter(), []
     for _ in range(2):
-        joint, shadow = -torch.rand(3, 5, generator=g) * 3, -torch.rand(3, 5, generator=g) * 3
-        mask, adv = (torch.rand(3, 5, generator=g) > 0.3).long(), torch.randn(3, generator=g)
+        joint, shadow = -torch.rand(4, 5, generator=g) * 3, -torch.rand(4, 5, generator=g) * 3
+        mask, rewards = (torch.rand(4, 5, generator=g) > 0.3).long(), torch.rand(4, generator=g)
+        advantages = reward_advantages(rewards, 2)
         meter.logps = {"joint": joint, "shadow": shadow}
-        meter.add_shared({"completion_mask": mask, "advantages": adv})
-        for i in range(3):
-            for t in range(5):
-                if mask[i, t]:
-                    p_joint, p_shadow = math.exp(joint[i, t].item()), math.exp(shadow[i, t].item())
-                    expected_num += adv[i].item() * (1 - p_shadow / p_joint)
-                    expected_den += 1
+        meter.add_shared({"completion_mask": mask, "reward_advantages": advantages})
+        for i in range(4):
+            other = rewards[i + 1 if i % 2 == 0 else i - 1].item()  # the other completion of the prompt
+            ratio = math.prod(math.exp(shadow[i, t] - joint[i, t]) for t in range(5) if mask[i, t])
+            expected.append((rewards[i].item() - other) * (1 - ratio))
     result = meter.result(Accelerator(cpu=True), own_rollouts=False)
-    assert result["bridge/cooperative_gain"] == pytest.approx(expected_num / expected_den, rel=1e-5)
+    assert result["bridge/cooperative_gain"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     assert meter.terms.abs().sum() == 0  # reset for the next step
+
+
+def test_trainer_batches_carry_raw_reward_advantages(
+    tmp_path, make_model, tokenizer, rl_dataset, sft_dataset
+):
+    """`reward_advantages` are the rewards (toy_reward of the decoded completions) minus the other completions'
+    mean, in reward units; GRPO's `advantages` are those divided by the group's std, up to (G−1)/G."""
+    args = BridgeConfig(**{"output_dir": str(tmp_path / "o"), **GRPO_DEFAULTS, **SGD})
+    trainer = BridgeTrainer(make_model(), toy_reward, args=args, train_dataset=rl_dataset, sft_dataset=sft_dataset,
+                            processing_class=tokenizer, peft_config=lora())  # fmt: skip
+    seen = []
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda batch: seen.append(generate(batch)) or seen[-1]
+    trainer.train()
+    out = seen[0]
+    rows = zip(out["completion_ids"], out["completion_mask"].bool(), strict=True)
+    texts = [tokenizer.decode(ids[mask], skip_special_tokens=True) for ids, mask in rows]
+    rewards = torch.tensor(toy_reward(texts), dtype=torch.float64).view(-1, 4)
+    others = (rewards.sum(1, keepdim=True) - rewards) / 3
+    torch.testing.assert_close(
+        out["reward_advantages"].double(), (rewards - others).view(-1), atol=1e-6, rtol=0
+    )

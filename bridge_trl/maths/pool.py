@@ -1,21 +1,17 @@
-r"""The BRIDGE accuracy reward: math-verify equivalence, scored in a pool of killable worker processes.
-
-`accuracy_reward(completions, answer, **kwargs)` is a TRL reward function (the paper's binary 1/0 reward);
-`make_accuracy_reward(correct=1.0, incorrect=-1.0)` gives Eq. 3's ±1 variant. Both are `AccuracyReward`
-instances whose `__name__` is the name TRL logs the reward under.
+r"""Math-verify in a pool of killable worker processes, with a hard per-completion time limit.
 
 Why processes: math-verify bounds its own work with `signal.alarm`, which works only in a main thread,
 and some inputs spend minutes in C code no signal interrupts. Each completion is therefore verified in
 a persistent worker process (the worker's main thread keeps math-verify's own timeouts as a first
 line), and a worker that overruns its hard per-completion limit is killed and replaced; the completion
-scores as incorrect and is counted in `num_timeouts`. Inside a trainer the per-batch count is also
-logged as the metric `<name>/timeouts` through TRL's `log_metric` hook.
+scores as incorrect and is counted in `num_timeouts`.
 
 Workers are started with `subprocess` (never `fork`, which is unsafe in a threaded torch process) and
 load this file alone, without importing the `bridge_trl` package, torch or the caller's `__main__`,
 so one starts in about a second. The pool starts lazily on first use and is closed at exit.
 
-This module imports only the standard library at the top: it is also the worker's entry point.
+This module imports only the standard library at the top: it is also the worker's entry point. The answer
+normalisation the caller applies (`answers.py`) is imported inside `MathVerifier.verify`, never in a worker.
 """
 
 from __future__ import annotations
@@ -24,24 +20,15 @@ import atexit
 import logging
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
 import weakref
 from collections import deque
-from decimal import Decimal
 from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
-
-_INTEGER = re.compile(r"[+-]?\d+")
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# A `$...$`, `$$...$$`, `\(...\)` or `\[...\]` region; `\$` (an escaped dollar sign) is not a delimiter.
-_MATH_REGION = re.compile(r"(?<!\\)(\$\$?)(.+?)(?<!\\)\1|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
-# What may separate the regions of a list-like gold such as `$69$,$84$` or `$1$ and $2$`.
-_LIST_SEPARATOR = re.compile(r"(?:\s|,|;|\band\b|\bor\b)*", re.I)
 
 
 class Verdict(NamedTuple):
@@ -50,99 +37,6 @@ class Verdict(NamedTuple):
     correct: bool
     extracted: str | None  # the answer math-verify took from the completion, as text
     status: str  # "ok", "timeout" (worker killed), "crash" (worker died) or "bad_gold" (gold unparseable)
-
-
-def last_boxed(text: str) -> str | None:
-    r"""The content of the last balanced `\boxed{...}` (or `\fbox{...}`) in `text`; None if there is none."""
-    for m in reversed(list(_BOX.finditer(text))[-8:]):  # an unbalanced last box falls back to the one before
-        depth = 1
-        for j in range(m.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[m.end() : j].strip()
-    return None
-
-
-def _math_only_content(text: str) -> str | None:
-    """The contents of the math regions of `text`, joined by ', ', if nothing but separators lies between them."""
-    parts, pos = [], 0
-    for m in _MATH_REGION.finditer(text):
-        if not _LIST_SEPARATOR.fullmatch(text[pos : m.start()]):
-            return None
-        parts.append(next(g for g in m.groups()[1:] if g is not None).strip())
-        pos = m.end()
-    if not parts or not _LIST_SEPARATOR.fullmatch(text[pos:]):
-        return None
-    return ", ".join(parts)
-
-
-def _gold_content(answer: Any) -> str | None:
-    """The gold as bare LaTeX to put in a box, or None when it must be parsed as written (prose, boxes)."""
-    if isinstance(answer, bool) or answer is None:
-        return ""
-    if isinstance(answer, int):
-        return str(answer)
-    if isinstance(answer, float):
-        if not math.isfinite(answer):
-            return str(answer)
-        # 27.0 -> "27", 0.1 -> "0.1", 1e-05 -> "0.00001": plain decimals the LaTeX parser reads exactly.
-        return str(int(answer)) if answer.is_integer() else format(Decimal(repr(answer)).normalize(), "f")
-    if isinstance(answer, (list, tuple)):  # OlympiadBench: a list of `$`-wrapped answers
-        parts = [_gold_content(a) for a in answer]
-        return ", ".join(p if p is not None else str(a).strip() for p, a in zip(parts, answer, strict=True))
-    text = str(answer).strip()
-    if _INTEGER.fullmatch(text):  # AIME: "033" -> "33"
-        return str(int(text))
-    if "\\boxed" in text or "\\fbox" in text:
-        return None
-    if "$" in text.replace("\\$", "") or "\\(" in text or "\\[" in text:
-        return _math_only_content(text)
-    return text
-
-
-def answer_text(answer: Any) -> str:
-    """A gold answer as a plain string, for a dataset's `answer` column (AMC23's 27.0 -> "27", "$x$" -> "x")."""
-    content = _gold_content(answer)
-    return str(answer).strip() if content is None else content
-
-
-def normalize_gold(answer: Any) -> str:
-    r"""The gold answer as text for math-verify: bare answers wrapped as `\boxed{...}`.
-
-    Raw golds parse wrongly surprisingly often (about 20% of MATH500's), because math-verify then hunts
-    for the last expression in them. Ints and floats become integers where they are integral (AMC23's
-    27.0 -> 27), zero-padded integers lose their padding (AIME's "033"), lists are joined with commas,
-    and golds made only of `$...$` regions (OlympiadBench's `$69$,$84$`) are unwrapped and boxed. Golds
-    that already hold `\boxed` or mix prose with math are passed as written.
-    """
-    content = _gold_content(answer)
-    if content is None:
-        return str(answer).strip()
-    return f"\\boxed{{{content}}}" if content else ""
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or TRL's conversational `[{"role": ..., "content": ...}]`."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return completion_text(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)):
-        return "".join(
-            completion_text(m) for m in completion if not isinstance(m, dict) or m.get("role") != "user"
-        )
-    return "" if completion is None else str(completion)
-
-
-def clip_completion(text: str, max_chars: int) -> str:
-    r"""Keep long texts bounded: the window that holds the last `\boxed`, else the tail (where answers are)."""
-    if len(text) <= max_chars:
-        return text
-    box = text.rfind("\\boxed")
-    if box >= 0:
-        start = max(0, min(box - max_chars // 4, len(text) - max_chars))
-        return text[start : start + max_chars]
-    return text[-max_chars:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,6 +235,8 @@ class MathVerifier:
 
     def verify(self, golds: list[Any], texts: list[Any]) -> list[Verdict]:
         """Verify each completion in `texts` (strings or messages) against its gold answer, in parallel."""
+        from .answers import clip_completion, completion_text, normalize_gold  # the caller's side only
+
         if len(golds) != len(texts):
             raise ValueError(f"Got {len(golds)} gold answers for {len(texts)} completions.")
         tasks = [
@@ -437,51 +333,3 @@ class MathVerifier:
             logger.warning(
                 "A math-verify worker died (exit code %s): scored incorrect.", worker.proc.returncode
             )
-
-
-class AccuracyReward:
-    """A TRL reward function: `correct` when math-verify finds a completion equivalent to its gold `answer`.
-
-    Call it as TRL does, `reward(completions=..., answer=..., **dataset_columns)`. The cumulative count
-    of completions cut off by the time limit is `reward.num_timeouts`; inside a TRL trainer the count per
-    batch is also logged as the metric `<__name__>/timeouts`.
-    """
-
-    def __init__(
-        self, correct: float = 1.0, incorrect: float = 0.0, name: str = "accuracy_reward", **pool_kw
-    ):
-        self.correct = float(correct)
-        self.incorrect = float(incorrect)
-        self.__name__ = name
-        self.verifier = MathVerifier(**pool_kw)
-
-    @property
-    def num_timeouts(self) -> int:
-        return self.verifier.num_timeouts
-
-    def __repr__(self) -> str:
-        return f"AccuracyReward(name={self.__name__!r}, correct={self.correct}, incorrect={self.incorrect})"
-
-    def __call__(self, completions: list, answer: list, **kwargs) -> list[float]:
-        before = self.verifier.num_timeouts
-        verdicts = self.verifier.verify(list(answer), list(completions))
-        if callable(kwargs.get("log_metric")):
-            kwargs["log_metric"](f"{self.__name__}/timeouts", float(self.verifier.num_timeouts - before))
-        return [self.correct if v.correct else self.incorrect for v in verdicts]
-
-
-def make_accuracy_reward(
-    correct: float = 1.0,
-    incorrect: float = 0.0,
-    timeout_s: float = 10.0,
-    num_workers: int | None = None,
-    name: str = "accuracy_reward",
-    **pool_kw,
-) -> AccuracyReward:
-    """An accuracy reward with its own worker pool. The paper's experiments use 1/0 (the default);
-    Eq. 3 uses `correct=1.0, incorrect=-1.0`. `name` is what TRL logs the reward under."""
-    return AccuracyReward(correct, incorrect, name, timeout_s=timeout_s, num_workers=num_workers, **pool_kw)
-
-
-accuracy_reward = make_accuracy_reward()
-"""The paper's reward: 1.0 for a verified final answer, 0.0 otherwise. Its pool starts on first call."""

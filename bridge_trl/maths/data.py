@@ -5,6 +5,8 @@ of data files, or a folder written by `save_to_disk`).
 
 * RL sets become TRL prompt datasets: `prompt` (from `prompts.format_prompt`) and `answer` (a string,
   read by `rewards.accuracy_reward`).
+* `load_solutions_sft_dataset` pairs problems with worked solutions (MATH's `solution`), a stand-in for
+  DeepMath traces in offline pipeline tests.
 * The SFT set follows the paper: "we pair queries from LIMR and MATH with corresponding intermediate
   reasoning traces extracted from DeepMath-103k". A DeepMath row pairs with an RL query when their
   normalised question texts (`normalize_question`) are equal. Unmatched RL queries get no trace: they
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 
+from ..sft import normalize_question  # the core's: LUFFY pairs traces with RL prompts the same way
 from .prompts import DEFAULT_TEMPLATE, format_completion, format_prompt
 from .rewards import MathVerifier, answer_text
 
@@ -184,14 +186,6 @@ def load_math_level3to5(source: str | Path = MATH_HUB_ID, **kwargs) -> Dataset:
     return load_rl_dataset(source, **kwargs)
 
 
-def normalize_question(text: str) -> str:
-    """A key under which the same problem from two datasets compares equal: case, spacing, `$` and
-    fraction-macro spelling ignored."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"\\[dt]frac", r"\\frac", text).replace("$", "")
-    return re.sub(r"\s+", "", text).rstrip(".")
-
-
 def process_trace(trace: str | None, think: str = "strip_tags") -> str:
     """Apply the `think` mode to an R1 trace (`<think>reasoning</think>solution`).
 
@@ -307,4 +301,36 @@ def load_sft_dataset(
             "verified. With `rl_sources`, check that the RL questions occur in DeepMath; or pass rl_sources=None."
         )
     logger.info("Built %d SFT examples for %d questions.", len(out["prompt"]), len(per_question))
+    return Dataset.from_dict(out)
+
+
+def load_solutions_sft_dataset(
+    source: str | Path,
+    template: str = DEFAULT_TEMPLATE,
+    question_column: str | None = None,
+    solution_column: str = "solution",
+    limit: int | None = None,
+) -> Dataset:
+    """SFT examples (`prompt`, `completion`) from a problem set with worked solutions (MATH's `solution`).
+
+    A stand-in for DeepMath's R1 traces where those are not at hand (the offline pipeline test): each
+    solution becomes the completion of its problem's prompt, in the template's format. A row with an empty
+    solution or question is a ValueError naming the row.
+    """
+    rows = load_source(source)
+    q_col = resolve_column(rows, question_column, QUESTION_COLUMNS, "question", source)
+    s_col = resolve_column(rows, solution_column, (solution_column,), "solution", source)
+    out: dict[str, list] = {"prompt": [], "completion": []}
+    for index, row in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        question, solution = get_field(row, q_col), get_field(row, s_col)
+        for name, value in ((q_col, question), (s_col, solution)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{source}: row {index} has no text in column {name!r} (got {value!r}).")
+        out["prompt"].append(format_prompt(question, template))
+        out["completion"].append(format_completion(solution.strip(), template))
+    if not out["prompt"]:
+        raise ValueError(f"{source}: no rows.")
+    logger.info("Built %d SFT examples from the worked solutions of %s.", len(out["prompt"]), source)
     return Dataset.from_dict(out)

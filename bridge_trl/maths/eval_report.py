@@ -1,6 +1,6 @@
 """Rendering evaluation results: the paper's Table 1 as markdown, and a bar chart.
 
-A results file is the JSON that `python -m bridge_trl.evaluate` writes: `name` (the table row), and
+A results file is the JSON that `python -m bridge_trl.maths.evaluate` writes: `name` (the table row), and
 `scores`, a mapping from benchmark key to accuracy in percent. Several files make one table, one row
 per model, so runs made separately can be compared.
 """

@@ -1,10 +1,10 @@
-r"""Evaluate a model on the paper's five benchmarks: `python -m bridge_trl.evaluate --model PATH_OR_ID`.
+r"""Evaluate a model on the paper's five benchmarks: `python -m bridge_trl.maths.evaluate --model PATH_OR_ID`.
 
 MATH500, Minerva Math, OlympiadBench (English text-only maths), AIME24 and AMC23. Decoding is greedy
 pass@1 by default with the paper's token limit for 3B models (5,120 new tokens; use 8192 for 8B);
 `--num_samples k` (optionally per benchmark, `--samples_per_benchmark aime24=32`) reports avg@k with
 sampling. Prompts use the training template (`--prompt_template`). Answers are scored by the same
-math-verify reward as training (`bridge_trl.rewards`), in killable worker processes.
+math-verify reward as training (`bridge_trl.maths.rewards`), in killable worker processes.
 
 Generation runs on vLLM when it is installed and a GPU is present, else on batched Hugging Face
 `generate` on any device. `--adapter` loads a PEFT adapter over `--model` and merges it first.
@@ -300,7 +300,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bridge_trl.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bridge_trl.maths.evaluate", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", help="hub id or local path of the model (with --adapter: the base model)")
     p.add_argument("--adapter", help="PEFT adapter to load on top of --model and merge before generation")
     p.add_argument("--name", help="row label in the table (default: the model's/adapter's folder name)")
