@@ -118,6 +118,7 @@ def test_zero3_two_processes_match_one(one_process, saved_model, tmp_path):
     assert logs[0]["bridge/shadow_mb"] < 0.6 * theta_mb
 
 
+@pytest.mark.slow  # ~40 s quiet, ~75 s loaded: `make test-slow`; ZeRO-3 equivalence stays in the default suite
 @pytest.mark.distributed
 def test_zero3_resume_is_exact(tmp_path):
     """ZeRO-3 with AdamW and θ̂'s own rollouts: stop after step 1, resume from its checkpoint (per-rank θ̂ shards
