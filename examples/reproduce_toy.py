@@ -1,13 +1,15 @@
 """The paper's Figure 1 comparison on a toy task, on the CPU in minutes, with no downloads.
 
-    python examples/reproduce_toy.py                        # every method, 3 seeds (about 10 min on 2 cores)
-    python examples/reproduce_toy.py --quick                # every method, 1 seed, fewer steps (CI smoke run)
-    python examples/reproduce_toy.py --methods bridge rl --seeds 1 2 --max_steps 60
-    python examples/reproduce_toy.py --sweep_lrs 1e-3 3e-3 1e-2   # choose each method's lr on the validation split
+    python examples/reproduce_toy.py                     # every method, 5 paired seeds, tuned lrs (the demo)
+    python examples/reproduce_toy.py --quick             # every method, 1 seed, a few steps (CI smoke run)
+    python examples/reproduce_toy.py --check             # the calibration checks only (rl, sft, base band)
+    python examples/reproduce_toy.py --sweep             # re-tune every method's lr on the validation split
+    python examples/reproduce_toy.py --methods bridge rl --seeds 1 2 --max_steps 40
 
-A tiny Qwen2 is pretrained once on direct answers to easy sums (cached under ~/.cache/bridge_trl/toy_base), then
-every method of DESIGN.md §3 trains from it on the same budget: held-out greedy accuracy on 3-number sums is
-evaluated along training. Writes DIR/results.json, DIR/results.md and DIR/curves.png.
+A tiny Qwen2 is pretrained until its validation accuracy is in a band (cached under ~/.cache/bridge_trl/toy_base),
+then every method of DESIGN.md §3 trains from it on the same budget with the learning rates committed in
+bridge_trl/toy/tuned.json. Writes DIR/results.json, DIR/results.md, DIR/curves.png and DIR/dynamics.png; a sweep
+writes DIR/sweep.json and updates tuned.json.
 """
 
 import argparse
@@ -23,138 +25,202 @@ from dataclasses import asdict
 from tqdm.auto import tqdm
 
 from bridge_trl.methods import METHODS
-from bridge_trl.toy import BaseSettings, toy_base_model, toy_splits
-from bridge_trl.toy_eval import ToyRunSettings, greedy_accuracy, run_method, single_thread_worker
-from bridge_trl.toy_report import plot_curves, results_table, write_markdown
+from bridge_trl.toy.base import BaseSettings, base_history, greedy_accuracy, toy_base_model
+from bridge_trl.toy.calibration import format_checks, premise_checks
+from bridge_trl.toy.report import plot_curves, plot_dynamics, results_table, tuning_table, write_markdown
+from bridge_trl.toy.run import ToyRunSettings, run_method, single_thread_worker
+from bridge_trl.toy.sweep import TUNED_PATH, load_tuned, run_sweep, tuned_lrs
+from bridge_trl.toy.task import toy_splits
 
 logger = logging.getLogger("reproduce_toy")
-
-# Each method's learning rate, chosen by `--sweep_lrs 3e-4 1e-3 3e-3 --seeds 0` (default budget): the lr with the
-# best final accuracy on the validation split (200 sums disjoint from the test split), one seed. Full sweep in
-# runs/toy_sweep/results.json when regenerated.
-TUNED_LRS = {"bridge": 3e-4, "mix": 3e-3, "alternating": 1e-3, "rl": 3e-4, "sft": 1e-3, "cold_start": 3e-4}
-LR_SELECTION = (
-    "per method, the best final validation accuracy (200 held-out sums disjoint from the test split, seed 0, "
-    "this budget) over {3e-4, 1e-3, 3e-3}: `--sweep_lrs 3e-4 1e-3 3e-3 --seeds 0`. Validation accuracies "
-    "(3e-4 / 1e-3 / 3e-3): bridge 26.0 / 19.0 / 17.0, mix 10.5 / 17.0 / 20.0, alternating 13.0 / 15.5 / 9.5, "
-    "rl 2.5 / 0.5 / 0.0, sft 17.0 / 23.5 / 20.0, cold_start 9.5 / 0.0 / 0.0 (%). One seed each: differences "
-    "of a few points are within noise. BRIDGE's adapter lr and alternating's SFT lr equal the method's lr."
-)
+CALIBRATION_PATH = os.path.join(os.path.dirname(os.path.abspath(TUNED_PATH)), "CALIBRATION.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, a few steps, a short smoke base (< 2 min).")
+    p.add_argument("--check", action="store_true", help="Only the calibration checks: rl and sft, tuned lrs.")
+    p.add_argument("--sweep", action="store_true", help="Tune every method's lr on the validation split.")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="Default 1-5 (quick: 1; sweep: 1 2).")
+    p.add_argument("--split", default=None, choices=["val", "test"], help="Default test (sweep: val).")
+    p.add_argument("--output_dir", default=None, help="Default runs/toy_figure1 (sweep: runs/toy_sweep).")
+    p.add_argument(
+        "--max_steps", type=int, default=None, help=f"Default {ToyRunSettings.max_steps} (quick: 4)."
     )
-    parser.add_argument("--quick", action="store_true", help="1 seed and fewer steps: a smoke run (< 2 min).")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Default: 1 2 3 (quick: 1).")
-    parser.add_argument("--output_dir", default="runs/toy_figure1")
-    parser.add_argument("--max_steps", type=int, default=None, help="Default: 100 (quick: 20).")
-    parser.add_argument("--eval_every", type=int, default=None, help="Default: 10 (quick: 10).")
-    parser.add_argument("--lr", type=float, default=None, help="One learning rate for every method.")
-    parser.add_argument("--sweep_lrs", nargs="+", type=float, default=None,
-                        help="Train every method at each lr on the validation split and report the best.")  # fmt: skip
-    parser.add_argument(
-        "--sft_batch_size", type=int, default=32, help="SFT examples per step (every method)."
+    p.add_argument(
+        "--eval_every", type=int, default=None, help=f"Default {ToyRunSettings.eval_every} (quick: 2)."
     )
-    parser.add_argument("--target", type=float, default=0.2, help="Accuracy for the steps-to-target column.")
-    parser.add_argument(
+    p.add_argument("--grid", nargs="+", type=float, default=None, help="Sweep grid (default: tuned.json's).")
+    p.add_argument(
+        "--tuned", default=TUNED_PATH, help="The tuning record the demo reads and a sweep rewrites."
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="One learning rate for every method (no tuned lrs)."
+    )
+    p.add_argument("--target", type=float, default=0.5, help="Accuracy for the steps-to-target column.")
+    p.add_argument(
         "--base_steps",
         type=int,
         default=None,
-        help="Pretraining steps of the base model (default 600; quick: 200).",
+        help="Smoke base: stop pretraining after this many steps whatever the accuracy (quick: 100).",
     )
-    parser.add_argument("--cache_dir", default=None, help="Where the base model is cached.")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="Runs in parallel, one process and one torch thread each (a 0.8M model gains "
-                        "nothing from a second thread, and OpenMP threads stall when another job holds a core).")  # fmt: skip
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
-    args.max_steps = args.max_steps or (20 if args.quick else 100)
-    # Quick runs pretrain a shorter base (a smoke test on a fresh machine must not spend a minute on it).
-    args.base_steps = args.base_steps or (200 if args.quick else None)
-    args.eval_every = args.eval_every or 10
+    p.add_argument("--cache_dir", default=None, help="Where the base model is cached.")
+    p.add_argument("--eval_limit", type=int, default=None,
+                   help="Evaluate on the first N sums of the split only (tests; default: all 250).")  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=2, help="Runs in parallel, one process and torch thread each."
+    )
+    args = p.parse_args(argv)
+    if args.check:
+        args.methods = ["rl", "sft"]
+    args.seeds = args.seeds or ([1] if args.quick else [1, 2] if args.sweep else [1, 2, 3, 4, 5])
+    args.split = args.split or ("val" if args.sweep else "test")
+    args.output_dir = args.output_dir or ("runs/toy_sweep" if args.sweep else "runs/toy_figure1")
+    args.max_steps = args.max_steps or (4 if args.quick else ToyRunSettings.max_steps)
+    # A sweep scores the final accuracy only: it evaluates at step 0, the 20%/50% points and the end.
+    args.eval_every = args.eval_every or (
+        2 if args.quick else args.max_steps if args.sweep else ToyRunSettings.eval_every
+    )
+    args.base_steps = args.base_steps or (100 if args.quick else None)
     return args
+
+
+def base_settings(args) -> BaseSettings:
+    if args.base_steps is None:
+        return BaseSettings()
+    # A smoke base: the band [0, 1] is met at the first evaluation, so it stops after exactly base_steps steps.
+    return BaseSettings(band_low=0.0, band_high=1.0, eval_every=args.base_steps, max_steps=args.base_steps)
+
+
+def run_cells(cells, base_path, splits, settings, args, split) -> list[dict]:
+    """Train every (method, seed, lrs) cell in worker processes: one progress bar, one log line per finished run."""
+    records = []
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
+    runs_dir = os.path.join(args.output_dir, "runs")
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=single_thread_worker) as pool:
+        futures = {pool.submit(run_method, m, s, lrs, base_path, splits, settings, runs_dir, split): i
+                   for i, (m, s, lrs) in enumerate(cells)}  # fmt: skip
+        bar = tqdm(total=len(futures), desc="Runs")
+        for future in as_completed(futures):
+            r = future.result()
+            records.append((futures[future], r))
+            luffy = r.get("luffy_trace_group_fraction")
+            bar.write(f"{r['method']:<11} seed {r['seed']} lr {r['learning_rate']:g}: {split} accuracy "
+                      f"{100 * r['curve'][0][2]:.1f}% → {100 * r['final_accuracy']:.1f}%, "
+                      f"{r['seconds_per_step']:.3f} s/step"
+                      + (f", luffy trace groups {luffy:.2f}" if luffy is not None else ""))  # fmt: skip
+            bar.update()
+        bar.close()
+    return [r for _, r in sorted(records, key=lambda x: x[0])]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
     single_thread_worker()
+    logging.getLogger("bridge_trl").setLevel(logging.INFO)
     os.makedirs(args.output_dir, exist_ok=True)
     splits = toy_splits()
-    base_settings = BaseSettings() if args.base_steps is None else BaseSettings(steps=args.base_steps)
-    base_path = toy_base_model(base_settings, cache_dir=args.cache_dir)
-    settings = ToyRunSettings(
-        max_steps=args.max_steps, eval_every=args.eval_every, sft_batch_size=args.sft_batch_size
-    )
-
-    if args.sweep_lrs:  # lr selection: validation split, first seed only
-        eval_split, lrs = "val", dict.fromkeys(args.methods, args.sweep_lrs)
-        seeds, selection = args.seeds[:1], f"swept over {args.sweep_lrs} on the validation split"
-    else:
-        eval_split, seeds = "test", args.seeds
-        lrs = {m: [args.lr or TUNED_LRS[m]] for m in args.methods}
-        selection = f"one lr for every method ({args.lr:g}), set by --lr." if args.lr else LR_SELECTION
-
+    bs = base_settings(args)
+    base_path = toy_base_model(bs, splits, cache_dir=args.cache_dir)
+    settings = ToyRunSettings(max_steps=args.max_steps, eval_every=args.eval_every)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.eval_limit:  # a tiny evaluation set, for tests: the pretraining band still uses all of val
+        splits = {**splits, args.split: splits[args.split].select(range(args.eval_limit))}
     base = AutoModelForCausalLM.from_pretrained(base_path)
-    base_accuracy = greedy_accuracy(base, AutoTokenizer.from_pretrained(base_path), splits[eval_split])
-    runs_dir = os.path.join(args.output_dir, "runs")
-    cells = [(m, s, lr) for m in args.methods for s in seeds for lr in lrs[m]]
-    records = []
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=single_thread_worker) as pool:  # fmt: skip
-        futures = [pool.submit(run_method, m, s, lr, base_path, splits, settings, runs_dir, eval_split)
-                   for m, s, lr in cells]  # fmt: skip
-        for future in tqdm(as_completed(futures), total=len(futures), desc="Runs"):
-            record = future.result()
-            records.append(record)
-            logger.info("%-11s seed %d lr %g: accuracy %.1f%% → %.1f%%, %.3f s/step", record["method"],
-                        record["seed"], record["learning_rate"], 100 * record["curve"][0][2],
-                        100 * record["final_accuracy"], record["seconds_per_step"])  # fmt: skip
-    order = {c: i for i, c in enumerate(cells)}
-    records.sort(key=lambda r: order[(r["method"], r["seed"], r["learning_rate"])])
+    base_accuracy = greedy_accuracy(base, AutoTokenizer.from_pretrained(base_path), splits[args.split])
+    if args.sweep:
+        return sweep(args, base_path, splits, settings, start)
 
+    tuned = load_tuned(args.tuned)
+    lrs = {m: ({"learning_rate": args.lr} if args.lr else tuned_lrs(m, tuned)) for m in args.methods}
+    cells = [(m, s, lrs[m]) for m in args.methods for s in args.seeds]
+    records = run_cells(cells, base_path, splits, settings, args, args.split)
+    checks = premise_checks(records, base_accuracy, base_history(base_path))
+    untuned = [m for m in args.methods if not tuned["methods"].get(m, {}).get("tuned", False)]
+    selection = (f"one lr for every method ({args.lr:g}), set by --lr." if args.lr else
+                 f"from {os.path.relpath(args.tuned)} ({tuned['how']})"
+                 + (f" Not tuned (edge optimum or no sweep yet): {', '.join(untuned)}." if untuned else ""))  # fmt: skip
     meta = {
-        "target_accuracy": args.target,
-        "eval_split": eval_split,
-        "num_test": len(splits[eval_split]),
-        "base_path": base_path,
-        "base_params": sum(p.numel() for p in base.parameters()),
-        "base_accuracy": base_accuracy,
-        "lr_selection": selection,
-        "workers": args.workers,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "memory_measure": "VmHWM of /proc/self/status, reset per run via /proc/self/clear_refs",
-        "argv": vars(args),
-    }
-    meta["base_settings"] = asdict(base_settings)
-    if args.sweep_lrs:
-        records = _sweep_report(records, meta)
+        "target_accuracy": args.target, "eval_split": args.split, "num_eval": len(splits[args.split]),
+        "base_path": base_path, "base_params": sum(p.numel() for p in base.parameters()),
+        "base_accuracy": base_accuracy, "base": base_history(base_path), "base_settings": asdict(bs),
+        "lr_selection": selection, "workers": args.workers, "cuts": CUTS,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "argv": vars(args),
+    }  # fmt: skip
     meta["total_seconds"] = time.perf_counter() - start
-    summary = write_markdown(os.path.join(args.output_dir, "results.md"), records, meta)
+    with open(
+        CALIBRATION_PATH
+    ) as f:  # the calibration trials, rejected ones included, travel with the results
+        extra = "## Tuning record\n\n" + tuning_table(tuned) + "\n\n" + f.read().replace("# ", "## ", 1)
+    out = write_markdown(os.path.join(args.output_dir, "results.md"), records, meta, checks, extra)
     plot_curves(os.path.join(args.output_dir, "curves.png"), records, args.target)
+    plot_dynamics(os.path.join(args.output_dir, "dynamics.png"), records)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "summary": summary, "runs": records}, f, indent=1)
-    print(results_table(summary, args.target))
-    print(f"\nWrote {args.output_dir}/results.md, results.json, curves.png in {meta['total_seconds']:.0f} s")
-    return summary
+        json.dump({"meta": meta, **out, "checks": checks, "runs": records}, f, indent=1)
+    print(results_table(out["summary"], args.target))
+    print("\nCalibration checks (baselines only):\n" + format_checks(checks, args.split))
+    print("\n" + out["sentence"])
+    print(f"\nWrote {args.output_dir}/results.md, results.json, curves.png, dynamics.png in "
+          f"{meta['total_seconds']:.0f} s")  # fmt: skip
+    return {**out, "checks": checks}
 
 
-def _sweep_report(records: list[dict], meta: dict) -> list[dict]:
-    """Keep each method's best-lr run for the table and write the whole sweep into the meta."""
-    best = {}
-    for r in records:
-        if r["method"] not in best or r["final_accuracy"] > best[r["method"]]["final_accuracy"]:
-            best[r["method"]] = r
-    meta["sweep"] = [(r["method"], r["learning_rate"], r["final_accuracy"]) for r in records]
-    meta["lr_selection"] += "; best per method: " + ", ".join(
-        f"{m} {r['learning_rate']:g}" for m, r in best.items()
-    )
-    return list(best.values())
+CUTS = (
+    "30 optimizer steps (phase 1: 80; 8 methods x 5 seeds must fit in 10 min on 2 cores, and on base E SFT's format "
+    "switch is done by step 4, so the 20% point, step 6, is past it); evaluation at steps 0, 6, 15, 30 only "
+    "(on all 250 held-out sums: a smaller set would widen every CI); the sweep scores the final accuracy only and "
+    "evaluates at steps 0, 6, 15, 30; a 0.33M-parameter model (DESIGN.md's 0.8M doubled the time for no gain); "
+    "4 prompts x 8 rollouts per step kept (fewer rollouts would weaken RL's group baseline)."
+)
+
+SWEEP_HOW = (
+    "`examples/reproduce_toy.py --sweep`: every method gets the same trials, the lrs of one log grid (half-decade "
+    "steps, 2 decades) x the same seeds, scored by final accuracy on the validation split (never test) at the "
+    "demo's budget; a best lr on the grid's edge extends that method's grid and is flagged untuned until interior. "
+    "Two-rate methods tune one rate and tie the other: BRIDGE beta = alpha; alternating's and cold start's SFT rate "
+    "= their RL rate x sft_ratio = (sft's best lr) / (rl's best lr), fixed by the rl and sft sweeps, which run "
+    "first. chord, mix and luffy have one rate."
+)
+
+
+def sweep(args, base_path, splits, settings, start) -> dict:
+    """Tune each method on the validation split (`bridge_trl.toy.sweep`), write DIR/sweep.json and tuned.json."""
+    tuned = load_tuned(args.tuned)
+    grid = args.grid or tuned["grid"]
+
+    trials = []  # every trial's record, kept in DIR/sweep_runs.json (curves, s/step) beside the scores
+
+    def evaluate(cells):
+        records = run_cells(cells, base_path, splits, settings, args, "val")
+        trials.extend(records)
+        return [r["final_accuracy"] for r in records]
+
+    # The single-kind methods first: their optima fix the SFT/RL ratio that ties alternating's second rate.
+    first = [m for m in args.methods if m in ("rl", "sft")]
+    result = run_sweep(first, grid, args.seeds, evaluate) if first else {}
+    best = {m: (result.get(m) or tuned["methods"][m])["best"] for m in ("rl", "sft")}
+    sft_ratio = best["sft"] / best["rl"]
+    rest = [m for m in args.methods if m not in first]
+    if rest:
+        result.update(run_sweep(rest, grid, args.seeds, evaluate, sft_ratio=sft_ratio))
+    tuned["sft_ratio"] = sft_ratio
+    for m, rec in result.items():
+        logger.info("%-11s best lr %g (%s): %s", m, rec["best"], "tuned" if rec["tuned"] else f"EDGE {rec['edge']}",
+                    rec["mean_scores"])  # fmt: skip
+    tuned["methods"].update(result)
+    tuned.update(how=SWEEP_HOW, grid=grid, seeds=args.seeds, settings=asdict(settings), split="val",
+                 seconds=time.perf_counter() - start)  # fmt: skip
+    with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:
+        json.dump(tuned, f, indent=1)
+    with open(os.path.join(args.output_dir, "sweep_runs.json"), "w") as f:
+        json.dump(trials, f)
+    with open(args.tuned, "w") as f:
+        json.dump(tuned, f, indent=1)
+    print(f"Wrote {args.output_dir}/sweep.json and {args.tuned} in {time.perf_counter() - start:.0f} s")
+    return tuned
 
 
 if __name__ == "__main__":

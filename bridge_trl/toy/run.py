@@ -1,0 +1,255 @@
+"""One (method, seed) run of the toy reproduction: held-out greedy accuracy along training, consumption, time,
+memory, and the training reward and completion length over steps (the paper's Figure 3 analogue)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import resource
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+
+from .base import greedy_accuracy
+from .task import boxed_exact_match
+
+logger = logging.getLogger(__name__)
+
+
+class AccuracyCallback(TrainerCallback):
+    """Greedy held-out accuracy at step 0, every `every` optimizer steps, at `extra_steps` and at the last step; `seconds` is the
+    time spent evaluating, taken out of the run's wall time."""
+
+    def __init__(self, tokenizer, dataset, every: int, max_new_tokens: int = 28, extra_steps=()):
+        self.tokenizer, self.dataset, self.every, self.max_new_tokens = (
+            tokenizer,
+            dataset,
+            every,
+            max_new_tokens,
+        )
+        self.extra_steps = set(extra_steps)  # the report's 20% and 50% points, whatever `every` is
+        self.points: list[tuple[int, float]] = []
+        self.seconds = 0.0
+
+    def _evaluate(self, step: int, model) -> None:
+        if self.points and self.points[-1][0] == step:
+            return
+        start = time.perf_counter()
+        acc = greedy_accuracy(model, self.tokenizer, self.dataset, self.max_new_tokens)
+        self.seconds += time.perf_counter() - start
+        self.points.append((step, acc))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._evaluate(state.global_step, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.every == 0 or step in self.extra_steps or step >= state.max_steps:
+            self._evaluate(state.global_step, model)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> tuple[float, bool]:
+    """Release freed heap memory and reset the kernel's peak-RSS mark (`/proc/self/clear_refs`), so one worker
+    can measure the peak of each run in turn; returns (current RSS in MB, whether the reset worked)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    return (_status_kb("VmRSS") or 0) / 1024, reset
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size since the last `reset_peak_rss` (VmHWM), else `ru_maxrss`, in MB."""
+    hwm = _status_kb("VmHWM")
+    return (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def training_state_mb(trainer) -> float:
+    """MB held by parameters, gradients, optimizer states and (BRIDGE) θ̂ with its optimizer state: unlike RSS it
+    excludes the interpreter and libraries, so methods compare directly."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for p in trainer.model.parameters():
+        add(p)
+        add(p.grad)
+    for opt in (trainer.optimizer, getattr(trainer, "shadow_optimizer", None)):
+        for state in opt.state.values() if opt is not None else ():
+            for value in state.values():
+                add(value)
+    for t in getattr(getattr(trainer, "shadow", None), "params", None) or ():
+        add(t)
+    return total / 2**20
+
+
+def single_thread_worker() -> None:
+    """Process initializer: one torch thread and no per-worker progress bars. A 0.8M-parameter model gains nothing
+    from a second thread, and OpenMP threads stall whenever another job holds a core; runs use the cores instead.
+    The main process shows one bar for all runs, so the workers' "Loading weights" and dataset bars are silenced."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault(
+        "DS_ACCELERATOR", "cpu"
+    )  # the demo runs on the CPU; DeepSpeed warns when it guesses
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/TRL, per run
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    logging.getLogger("bridge_trl").setLevel(logging.WARNING)
+
+
+@dataclass
+class ToyRunSettings:
+    """The budget every method shares: same steps, prompts per step, rollouts per prompt and SFT batch."""
+
+    # 30 steps (phase 1: 80) so that 8 methods x 5 seeds fit in 10 min on 2 cores; on base E SFT's format switch is
+    # done by step 4, so the 20% point (step 6) is past it.
+    max_steps: int = 30
+    eval_every: int = 15  # plus the 20% point: evaluations at steps 0, 6, 15, 30 (each costs ~1.3 s)
+    prompts_per_step: int = 4
+    rollouts_per_prompt: int = 8
+    sft_batch_size: int = 64  # SFT is cheap per step (0.3 s vs 1.5 s for RL); 16 made it slower than RL
+    max_completion_length: int = 28  # the longest trace, 9+9=18,18+9=27.\\boxed{27}, is 26 tokens with EOS
+    temperature: float = 1.0
+    beta: float = 0.0  # KL coefficient (GRPO's default; the paper's recipes use none either)
+    bridge_lambda: float = 0.5
+    cold_start_sft_ratio: float = 0.5
+    lora_rank: int = 8
+    # chord: the CHORD reference's μ schedule scaled to the budget (peak 0.9 at step 0, cosine decay to 0.05 over
+    # the whole budget, no warm-up), with the plain NLL (CHORD-μ, `chord_phi=False`): φ is the reference's
+    # alternative for a constant μ, and the schedule is what makes CHORD's SFT-then-RL shape.
+    chord_mu_peak: float = 0.9
+    chord_mu_valley: float = 0.05
+    chord_phi: bool = False
+    # luffy: 1 of the G rollouts of each group replaced by the prompt's paired trace, γ = 0.1 (the paper's).
+    luffy_num_off_policy: int = 1
+    luffy_shaping_gamma: float = 0.1
+
+
+def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, output_dir: str):
+    """The `BridgeConfig` of one run. `lrs` holds `learning_rate` and optionally a second rate (BRIDGE's
+    `adapter_learning_rate`, alternating's `sft_learning_rate`); a missing second rate equals the first."""
+    from ..config import BridgeConfig
+
+    lr = lrs["learning_rate"]
+    return BridgeConfig(
+        output_dir=output_dir, method=method, seed=seed, data_seed=seed,  # paired: seed fixes every data order
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.prompts_per_step * settings.rollouts_per_prompt,
+        num_generations=settings.rollouts_per_prompt, per_device_sft_batch_size=settings.sft_batch_size,
+        max_completion_length=settings.max_completion_length, temperature=settings.temperature, beta=settings.beta,
+        learning_rate=lr, adapter_learning_rate=lrs.get("adapter_learning_rate", lr),
+        sft_learning_rate=lrs.get("sft_learning_rate", lr),
+        # Constant lr: a decay would hand cold start's RL phase a smaller lr than RL-zero gets.
+        lr_scheduler_type="constant", bridge_lambda=settings.bridge_lambda,
+        cold_start_sft_ratio=settings.cold_start_sft_ratio, chord_mu_peak=settings.chord_mu_peak,
+        chord_mu_valley=settings.chord_mu_valley, chord_mu_warmup_steps=0, chord_mu_decay_steps=settings.max_steps,
+        chord_phi=settings.chord_phi, luffy_num_off_policy=settings.luffy_num_off_policy,
+        luffy_shaping_gamma=settings.luffy_shaping_gamma, loss_type="dapo", logging_steps=1, save_strategy="no", report_to="none",
+        bf16=False, use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+
+
+def run_method(method: str, seed: int, lrs: dict | float, base_path: str, splits: dict, settings: ToyRunSettings,
+               output_dir: str, eval_split: str = "test") -> dict:  # fmt: skip
+    """Train `method` from the base at `base_path` and return its JSON-able record."""
+    from peft import LoraConfig
+
+    from ..trainer import BridgeTrainer
+
+    lrs = {"learning_rate": lrs} if isinstance(lrs, float) else dict(lrs)
+    rss_start, rss_reset = reset_peak_rss()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    # Only BRIDGE has an adapter (its upper level); the baselines train θ alone, as in the paper.
+    peft_config = (LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
+                              target_modules="all-linear", task_type="CAUSAL_LM")
+                   if method == "bridge" else None)  # fmt: skip
+    marks = (
+        round(0.2 * settings.max_steps),
+        round(0.5 * settings.max_steps),
+    )  # the report's 20% / 50% points
+    callback = AccuracyCallback(
+        tokenizer, splits[eval_split], settings.eval_every, settings.max_completion_length, marks
+    )
+    trainer = BridgeTrainer(model, boxed_exact_match, processing_class=tokenizer, peft_config=peft_config,
+                            args=method_args(method, lrs, seed, settings, os.path.join(output_dir, f"{method}-seed{seed}")),
+                            train_dataset=splits["rl"], sft_dataset=splits["sft"], callbacks=[callback])  # fmt: skip
+    trainer.remove_callback(
+        PrinterCallback
+    )  # with tqdm off, HF prints every step's logs; the record keeps them
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start - callback.seconds
+    record = _record(method, seed, lrs, trainer, callback, settings, eval_split)
+    record.update(seconds_per_step=wall / max(1, trainer.state.global_step), train_seconds=wall,
+                  eval_seconds=callback.seconds, peak_rss_mb=peak_rss_mb(),
+                  peak_rss_above_start_mb=peak_rss_mb() - rss_start if rss_reset else None,
+                  training_state_mb=training_state_mb(trainer))  # fmt: skip
+    del trainer, model
+    gc.collect()
+    return record
+
+
+def _series(history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(h["step"], float(h[key])) for h in history if key in h and "step" in h]
+
+
+def _record(method, seed, lrs, trainer, callback, settings, eval_split) -> dict:
+    """Join the accuracy points with the logged consumption counters (cumulative, one log per step)."""
+    history = trainer.state.log_history
+    logs = {h["step"]: h for h in history if "step" in h and "loss" in h}
+    keys = ("bridge/sft_samples", "bridge/rl_samples", "bridge/sft_tokens", "bridge/rl_tokens")
+
+    def consumed(step: int, key: str) -> float:
+        return float(logs[step].get(key, 0.0)) if step in logs else 0.0
+
+    last = trainer.state.global_step
+    gains = _series(history, "bridge/cooperative_gain")
+    luffy = _series(history, "luffy/trace_group_fraction")
+    return {
+        "method": method, "seed": seed, "learning_rate": lrs["learning_rate"], "learning_rates": lrs,
+        "eval_split": eval_split, "settings": asdict(settings), "steps": last,
+        "final_accuracy": callback.points[-1][1],
+        "curve": [(step, consumed(step, keys[0]) + consumed(step, keys[1]), acc) for step, acc in callback.points],
+        "sft_samples": consumed(last, keys[0]), "rl_samples": consumed(last, keys[1]),
+        "sft_tokens": consumed(last, keys[2]), "rl_tokens": consumed(last, keys[3]),
+        "reward_curve": _series(history, "reward"),
+        "completion_length_curve": _series(history, "completions/mean_length"),
+        "cooperative_gain_mean": sum(g for _, g in gains) / len(gains) if gains else None,
+        "cooperative_gain_curve": gains,
+        "luffy_trace_group_fraction": sum(f for _, f in luffy) / len(luffy) if luffy else None,
+    }  # fmt: skip
