@@ -16,10 +16,9 @@ data and with no extra forward pass:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
+
+from .logps import observe_logps
 
 # exp(±20) ≈ 5e8: beyond that a ratio says only "far apart", and an overflow must not stop training.
 _MAX_LOG_RATIO = 20.0
@@ -52,6 +51,8 @@ class GainMixin:
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        if self.args.method != "bridge" or self.args.shadow_rollouts != "shared":
+            return output  # only the shared-rollout gain reads them
         per_func, weights = self._rewards_per_func, self.reward_weights.to(self._rewards_per_func.device)
         rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[per_func.isnan().all(dim=1)] = torch.nan  # unscorable, as GRPO marks them
@@ -70,28 +71,9 @@ class GainMeter:
         self.terms = torch.zeros(2, dtype=torch.float64)  # Σ (R − b)(1 − ρ), number of sequences
         self.rewards: dict[str, list[float]] = {"joint": [], "shadow": []}
 
-    @contextmanager
-    def capture(self, trainer, which: str) -> Iterator[None]:
+    def capture(self, trainer, which: str):
         """Record the (B, C) per-token log-probabilities that the block's GRPO loss computes, as `which`."""
-        original = trainer._get_per_token_logps_and_entropies
-
-        def recording(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.logps[which] = out[0].detach()
-            return out
-
-        name, shadowed = (
-            "_get_per_token_logps_and_entropies",
-            "_get_per_token_logps_and_entropies" in vars(trainer),
-        )
-        setattr(trainer, name, recording)
-        try:
-            yield
-        finally:
-            if shadowed:
-                setattr(trainer, name, original)
-            else:
-                delattr(trainer, name)  # back to the class's method
+        return observe_logps(trainer, lambda logps: self.logps.__setitem__(which, logps.detach()))
 
     def add_shared(self, inputs: dict) -> None:
         """Accumulate one micro-batch's terms (per sequence) from the captured joint and shadow log-probabilities."""

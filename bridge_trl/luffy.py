@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .logps import observe_logps
 from .sft import normalize_question
 
 logger = logging.getLogger(__name__)
@@ -157,19 +158,9 @@ class LuffyMixin:
         # `tool_mask`, while its 'dapo' normaliser (`num_items_in_batch`) still counts them: one token mean.
         completion_mask = inputs["completion_mask"]  # (B, T)
         on_mask = (~off).to(completion_mask.dtype).unsqueeze(1).expand_as(completion_mask)
-        captured = []
-        compute_logps = self._get_per_token_logps_and_entropies
-
-        def capture(*args, **kwargs):  # the loss's own forward: (B, T) log-probs with their graph
-            result = compute_logps(*args, **kwargs)
-            captured.append(result[0])
-            return result
-
-        self._get_per_token_logps_and_entropies = capture
-        try:
+        captured = []  # the loss's own forward: (B, T) log-probs with their graph
+        with observe_logps(self, captured.append):
             loss = super()._compute_loss(model, {**inputs, "tool_mask": on_mask})
-        finally:
-            del self._get_per_token_logps_and_entropies
         per_token_logps = captured[0]  # (B, T)
         off_mask = completion_mask * off.unsqueeze(1)  # (B, T)
         per_token = off_policy_token_loss(

@@ -382,9 +382,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
                 metrics[key].append(value)  # J_RL(θ,w) − J_RL(θ̂,w), `bridge_trl.gain`
         if self.args.method in ("bridge", "mix"):
             metrics["bridge/lambda"].append(lam)
-        if (
-            self.args.method == "chord"
-        ):  # bridge/sft_loss is then the φ-weighted L_SFT-φ (unless chord_phi=False)
+        if self.args.method == "chord":  # bridge/sft_loss is then L_SFT-φ (unless chord_phi=False)
             metrics["bridge/mu"].append(self.current_mu())
         self._step_sums.zero_()
 

@@ -24,6 +24,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from .logps import observe_logps
 from .shadow import gathered
 
 # Name fragments that vLLM does not know, removed as TRL's `_fix_param_name_to_vllm` removes them.
@@ -143,20 +144,10 @@ def shadow_importance_sampling(trainer, inputs: dict) -> Iterator[None]:
         yield
         return
     sampling = inputs.pop("sampler_logps")
-    original = trainer._get_per_token_logps_and_entropies
-    shadowed = "_get_per_token_logps_and_entropies" in vars(trainer)
 
-    def scoring(*args, **kwargs):
-        out = original(*args, **kwargs)
+    def scoring(logps):
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
-        inputs["importance_sampling_ratio"] = truncated_is_ratio(trainer, out[0].detach(), sampling, mask)
-        return out
+        inputs["importance_sampling_ratio"] = truncated_is_ratio(trainer, logps.detach(), sampling, mask)
 
-    trainer._get_per_token_logps_and_entropies = scoring
-    try:
+    with observe_logps(trainer, scoring):
         yield
-    finally:
-        if shadowed:
-            trainer._get_per_token_logps_and_entropies = original
-        else:
-            del trainer._get_per_token_logps_and_entropies

@@ -1,0 +1,37 @@
+"""Observing the per-token log-probabilities GRPO's loss computes, without a second forward pass.
+
+Three parts of the trainer need the (B, C) log-probs of the policy being scored, from the very forward that GRPO's
+`_compute_loss` runs: the cooperative-gain meter (`bridge_trl.gain`), θ̂'s vLLM importance ratio
+(`bridge_trl.vllm_sync`) and LUFFY's off-policy term (`bridge_trl.luffy`). Each wraps
+`GRPOTrainer._get_per_token_logps_and_entropies` for the duration of one block with this context manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+_NAME = "_get_per_token_logps_and_entropies"
+
+
+@contextmanager
+def observe_logps(trainer, callback: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call `callback(per_token_logps)` ((B, C), with its graph) on every log-prob forward inside the block."""
+    original = getattr(trainer, _NAME)
+    shadowed = _NAME in vars(trainer)  # an instance attribute already (e.g. an enclosing observer)
+
+    def observed(*args, **kwargs):
+        out = original(*args, **kwargs)
+        callback(out[0])
+        return out
+
+    setattr(trainer, _NAME, observed)
+    try:
+        yield
+    finally:
+        if shadowed:
+            setattr(trainer, _NAME, original)
+        else:
+            delattr(trainer, _NAME)  # back to the class's method
