@@ -7,6 +7,7 @@ Layout of a saved model directory (`save_model`, `push_to_hub`, every checkpoint
     <dir>/merged/                            optional (`save_merged`): π(θ, w) as one plain model
     <dir>/bridge_state.pt                    checkpoints only: θ̂, extra optimizer states, counters
                                              (ZeRO-3: bridge_state_rank{r}.pt, one per rank's shards)
+    <dir>/bridge_reference.safetensors       cold start after its switch with β > 0: the KL reference π(θ_SFT, w)
 
 The adapter sits in a subfolder so that transformers' PEFT integration does not mistake the directory for an
 adapter-only checkpoint of the original hub model.
@@ -21,15 +22,19 @@ import os
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .shadow import adapter_state_dict, base_state_dict, gathered, split_parameters, unwrapped_base
+from .zero import parameters_state_dict, write_parameters
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 EXTRAS_FILE = "bridge_state.pt"
+REFERENCE_FILE = (
+    "bridge_reference.safetensors"  # cold start past its switch, β > 0: the SFT model, its KL reference
+)
 
 
 def merged_state_dict(model: PeftModel, base_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,12 +233,29 @@ class BridgeCheckpointMixin:
             if self.sft_optimizer is not None:
                 extras["sft_optimizer"] = self.sft_optimizer.state_dict()
             save_trainer_extras(output_dir, extras, self.args.process_index if sharded else None)
+        if self._reference_is_sft_model(self.state.global_step):  # collective under ZeRO-3
+            reference = parameters_state_dict(self.ref_model)
+            if self.args.should_save:
+                save_file(reference, os.path.join(output_dir, REFERENCE_FILE))
+
+    def _reference_is_sft_model(self, completed_steps: int) -> bool:
+        """Cold start with a KL term, past the start of its RL phase: the reference is no longer θ⁰."""
+        return (self.args.method == "cold_start" and self.beta != 0.0
+                and completed_steps > self._cold_start_switch())  # fmt: skip
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         rank = self.args.process_index if self._zero3 else None
         if checkpoint is None:
             return
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            completed_steps = json.load(f)["global_step"]
+        if self._reference_is_sft_model(completed_steps):
+            path = os.path.join(checkpoint, REFERENCE_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{checkpoint} is past cold start's switch with beta > 0 but has no "
+                                        f"{REFERENCE_FILE} (the SFT model, its KL reference).")  # fmt: skip
+            write_parameters(self.ref_model, load_file(path).items())
         extras = load_trainer_extras(checkpoint, rank)
         if extras is None:
             if self.args.method in ("bridge", "alternating"):  # θ̂ / the SFT optimizer cannot be recovered

@@ -16,6 +16,7 @@ LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
 # Below this, an SGD-stepped θ̂ barely leaves θ⁰ (Adam-scale rates are ~1e-7 to 1e-4; SGD on LMs needs ~1e-2+).
 SGD_SHADOW_MIN_LR = 1e-3
 SHADOW_ROLLOUTS = ("shared", "own")
+LUFFY_LOSS_TYPES = ("dapo", "dr_grpo")
 
 
 @dataclass
@@ -35,9 +36,11 @@ class BridgeConfig(GRPOConfig):
     method: str = field(
         default="bridge",
         metadata={
-            "help": "Training method: 'bridge' (Algorithm 2), or one of the paper's baselines on the same data and "
-            "step budget: 'mix' (joint loss on θ, no shadow), 'alternating' (Algorithm 1), 'rl' (GRPO only), "
-            "'sft' (SFT only), 'cold_start' (SFT, then GRPO). Only 'bridge' attaches an adapter by default."
+            "help": "Training method: 'bridge' (Algorithm 2), or one of the methods it is compared with on the same "
+            "data and step budget: 'mix' (joint loss on θ, no shadow), 'alternating' (Algorithm 1), 'rl' (GRPO "
+            "only), 'sft' (SFT only), 'cold_start' (SFT, then GRPO), 'chord' ((1-μ) GRPO + μ φ-weighted SFT, "
+            "arXiv 2508.11408) or 'luffy' (expert traces in the GRPO groups, arXiv 2504.14945). Only 'bridge' "
+            "attaches an adapter by default."
         },
     )
     cold_start_sft_ratio: float = field(
@@ -258,11 +261,16 @@ class BridgeConfig(GRPOConfig):
                 f"`luffy_num_off_policy` must be in [1, num_generations - 1] = [1, {(self.num_generations or 0) - 1}] "
                 f"so that each group keeps an on-policy rollout, got {self.luffy_num_off_policy}."
             )
-        if (
-            self.loss_type != "dapo"
-        ):  # LUFFY's loss is one token mean over the whole mixed batch: TRL's 'dapo'
+        # One normaliser over the whole mixed batch, as the reference: a token mean ('dapo') or, as its published
+        # training script (`loss_remove_token_mean=True`), a constant per-row length ('dr_grpo').
+        if self.loss_type not in LUFFY_LOSS_TYPES:
             raise ValueError(
-                f"method='luffy' needs `loss_type='dapo'` (one token mean), got {self.loss_type!r}."
+                f"method='luffy' needs `loss_type` in {LUFFY_LOSS_TYPES} (one normaliser over on- and off-policy "
+                f"tokens), got {self.loss_type!r}."
+            )
+        if self.use_adaptive_entropy:
+            raise ValueError(
+                "method='luffy' supports a constant `entropy_coef` only, not `use_adaptive_entropy`."
             )
         if self.use_liger_kernel:
             raise ValueError(

@@ -11,20 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import torch
-
 _NAME = "_get_per_token_logps_and_entropies"
 
 
 @contextmanager
-def observe_logps(trainer, callback: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Call `callback(per_token_logps)` ((B, C), with its graph) on every log-prob forward inside the block."""
+def observe_logps(trainer, callback: Callable[..., None], entropies: bool = False) -> Iterator[None]:
+    """Call `callback(per_token_logps)` ((B, C), with its graph) on every log-prob forward inside the block; with
+    `entropies`, `callback(per_token_logps, per_token_entropies)` ((B, C) each, entropies None if not computed)."""
     original = getattr(trainer, _NAME)
     shadowed = _NAME in vars(trainer)  # an instance attribute already (e.g. an enclosing observer)
 
     def observed(*args, **kwargs):
         out = original(*args, **kwargs)
-        callback(out[0])
+        callback(*out[:2]) if entropies else callback(out[0])
         return out
 
     setattr(trainer, _NAME, observed)

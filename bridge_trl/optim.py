@@ -23,7 +23,8 @@ from transformers import get_scheduler
 
 from .methods import cold_start_switch
 from .shadow import split_parameters
-from .zero import Zero2ShadowWeights, ZeroShadowWeights
+from .vllm_sync import iter_policy_weights
+from .zero import Zero2ShadowWeights, ZeroShadowWeights, write_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +146,13 @@ class BridgeOptimizersMixin:
         return cold_start_switch(self.args.cold_start_sft_steps, self.args.cold_start_sft_ratio, max_steps)
 
     def _maybe_start_rl_phase(self, micro: int) -> None:
-        """Cold start, first micro-batch of step s: θ's optimizer forgets the SFT phase (moments and step counts).
+        """Cold start, first micro-batch of step s: the RL phase starts as a separate GRPO run on the SFT model would.
 
-        A GRPO run on the SFT model starts from a fresh optimizer; so does the RL phase. Called at the start of step s
-        on every run, so a run resumed from a checkpoint taken before s resets here too, and one taken after s loads
-        the RL phase's own state.
+        θ's optimizer forgets the SFT phase (moments and step counts); the KL reference (β > 0) becomes π(θ_SFT, w);
+        TRL's adaptive-entropy controller starts afresh; and the rollout buffer is counted from s
+        (`_prepare_inputs`), so the first RL step generates a full one. Called at the start of step s on every run,
+        so a run resumed from a checkpoint taken before s resets here too, and one taken after s loads the RL
+        phase's own state (the reference included: `bridge_reference.safetensors`).
         """
         if (
             self.args.method != "cold_start"
@@ -163,9 +166,33 @@ class BridgeOptimizersMixin:
         inner.state.clear()
         for group in inner.param_groups:  # optimizers that count steps per group (DeepSpeed's FusedAdam)
             group.pop("step", None)
+        self.entropy_coef = self.args.entropy_coef  # TRL's controller state, as at its __init__
+        self._last_world_entropy, self._entropy_window_stats = float("inf"), None
+        self._buffered_inputs, self._rl_phase_start = (
+            None,
+            self._step,
+        )  # GRPO's micro-step counter at the switch
+        if self.beta != 0.0:
+            write_parameters(self.ref_model, iter_policy_weights(self.accelerator.unwrap_model(self.model)))
         logger.info(
-            "cold start: RL phase begins at step %d with a fresh optimizer state.", self.state.global_step
-        )
+            "cold start: RL phase begins at step %d with a fresh optimizer state%s.", self.state.global_step,
+            ", the SFT model as KL reference" if self.beta != 0.0 else "",
+        )  # fmt: skip
+
+    def _prepare_inputs(self, generation_batch):
+        """GRPO's rollout buffer, indexed from the start of cold start's RL phase rather than from step 0.
+
+        TRL regenerates when `_step % (steps_per_generation × num_iterations) == 0` and serves slice
+        `_step % steps_per_generation`; counted from step 0, an RL phase starting mid-cycle would generate a buffer
+        and use only its tail, unlike a separate GRPO run. (A resumed run counts `_step` from the resume, as TRL
+        does: the RL phase's offset is then 0.)
+        """
+        offset = (getattr(self, "_rl_phase_start", None) or 0) if self.model.training else 0
+        self._step -= offset
+        try:
+            return super()._prepare_inputs(generation_batch)
+        finally:
+            self._step += offset
 
     def _extra_step(self, optimizer, clip_grad_norm, lr_factor: float) -> float:
         """Step θ̂'s or alternating's SFT optimizer like the main one: clipped, at the scheduled learning rate."""

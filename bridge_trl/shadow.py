@@ -30,15 +30,17 @@ def is_zero3_param(param: torch.Tensor) -> bool:
 
 
 @contextmanager
-def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Gather ZeRO-3 parameters in full for the block (collective: every rank must enter); a no-op otherwise."""
+def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 parameters in full for the block (collective: every rank must enter); a no-op otherwise.
+
+    With `modifier_rank`, what that rank writes into the gathered tensors is kept (re-partitioned) on exit."""
     params = [p for p in params if is_zero3_param(p)]
     if not params:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
 
 

@@ -21,7 +21,7 @@ from .checkpoint import BridgeCheckpointMixin
 from .chord import mu_at
 from .config import BridgeConfig
 from .gain import GainMeter, GainMixin
-from .luffy import LuffyMixin
+from .luffy import OFF_POLICY_KEY, LuffyMixin
 from .methods import StepPlan, step_plan
 from .optim import BridgeOptimizersMixin
 from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
@@ -155,9 +155,13 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
         self.sft_stream = SFTStream(self.sft_dataset, args.seed, args.per_device_sft_batch_size,
                                     args.gradient_accumulation_steps, self._tokenizer.pad_token_id)  # fmt: skip
         self._init_luffy()  # luffy: the traces of the RL prompts (`bridge_trl.luffy`)
-        self._fused_sft = self.temperature == 1.0  # the fused LM head is bound to GRPO's sampling temperature
+        # The fused LM head is bound to GRPO's sampling temperature: SFT's NLL uses it at T = 1 only. CHORD scores
+        # its SFT tokens (and φ) at the rollout temperature, as Trinity-RFT does, so it always uses it.
+        self._fused_sft = self.temperature == 1.0 or args.method == "chord"
         self._chord_phi = args.method == "chord" and args.chord_phi
-        self._step_sums = torch.zeros(4, dtype=torch.float64)  # sft, rl, shadow losses; rl tokens
+        self._step_sums = torch.zeros(
+            6, dtype=torch.float64
+        )  # sft, rl, shadow losses; rl tokens; luffy traces
         self.gain, self._shadow_buffer = GainMeter(), None  # cooperative gain; θ̂'s rollouts ('own')
         self.consumed = dict.fromkeys(("sft_samples", "sft_tokens", "rl_samples", "rl_tokens"), 0)
         logger.info("%s: θ %d tensors, w %d tensors, %d SFT examples", args.method, len(base), len(adapter),
@@ -221,8 +225,14 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
                 joint_rewards = self._metrics["train"]["reward"][rewards_before:]
                 self.gain.add_rewards(joint_rewards, shadow_metrics["train"]["reward"])
         rl_tokens = inputs["completion_mask"].sum() if plan.rl else torch.zeros((), device=sft.device)
+        traces = torch.zeros(
+            2, device=sft.device
+        )  # luffy: trace rows and tokens, SFT data rather than rollouts
+        if plan.rl and OFF_POLICY_KEY in inputs:
+            off = inputs[OFF_POLICY_KEY]  # (B,)
+            traces = torch.stack([off.sum(), (inputs["completion_mask"].sum(1) * off).sum()]).float()
         # Stops on a non-finite loss, before anything moves.
-        self._record(plan, lam, sft, rl, shadow, rl_tokens)
+        self._record(plan, lam, sft, rl, shadow, rl_tokens, traces)
 
         # Line 10, 12, 14: the optimizers apply g_θ, g_w (Trainer) and g_θ̂ (`_after_optimizer_step`).
         if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
@@ -350,9 +360,9 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
             for key, value in saved.items():
                 setattr(self, key, value)
 
-    def _record(self, plan: StepPlan, lam: float, sft, rl, shadow, rl_tokens) -> None:
+    def _record(self, plan: StepPlan, lam: float, sft, rl, shadow, rl_tokens, traces) -> None:
         """Average the micro-batch losses over ranks, stop on non-finite ones, log once per optimizer step."""
-        values = torch.stack([sft, rl, shadow, rl_tokens.float()]).float()
+        values = torch.cat([torch.stack([sft, rl, shadow, rl_tokens.float()]).float(), traces.float()])
         values = self.accelerator.reduce(values, reduction="mean").double().cpu()
         if not torch.isfinite(values).all():
             raise FloatingPointError(
@@ -363,19 +373,20 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
         self._step_sums += values
         if (self._step + 1) % self.current_gradient_accumulation_steps != 0:
             return
-        sft_v, rl_v, shadow_v, rl_tokens_v = self._step_sums.tolist()
+        sft_v, rl_v, shadow_v, rl_tokens_v, trace_rows_v, trace_tokens_v = self._step_sums.tolist()
+        world = self.accelerator.num_processes
         metrics = self._metrics["train"]
         if plan.sft:
             metrics["bridge/sft_loss"].append(sft_v)
             self._count_sft_step()
-        if plan.rl:
+        if plan.rl:  # luffy's traces were trained on as rows of the groups, but they are SFT data
             metrics["bridge/rl_loss"].append(rl_v)
-            self.consumed["rl_samples"] += (
-                self.args.per_device_train_batch_size
-                * self.current_gradient_accumulation_steps
-                * self.accelerator.num_processes
-            )
-            self.consumed["rl_tokens"] += round(rl_tokens_v * self.accelerator.num_processes)
+            rows = self.args.per_device_train_batch_size * self.current_gradient_accumulation_steps * world
+            trace_rows, trace_tokens = round(trace_rows_v * world), round(trace_tokens_v * world)
+            self.consumed["rl_samples"] += rows - trace_rows
+            self.consumed["rl_tokens"] += round(rl_tokens_v * world) - trace_tokens
+            self.consumed["sft_samples"] += trace_rows
+            self.consumed["sft_tokens"] += trace_tokens
         if plan.shadow:
             metrics["bridge/shadow_rl_loss"].append(shadow_v)
             for key, value in self.gain.result(self.accelerator, self.args.shadow_rollouts == "own").items():

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from trl.trainer.utils import create_model_from_path
 
-from .shadow import ShadowState, is_zero3_param
+from .shadow import ShadowState, gathered, is_zero3_param
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,34 @@ def initial_reference(model: nn.Module, model_init_kwargs: dict | None) -> nn.Mo
         return copy.deepcopy(model)
     init_kwargs = {**(model_init_kwargs or {}), "device_map": None, "dtype": model.dtype}
     return create_model_from_path(model.config._name_or_path, **init_kwargs)
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module"):  # DDP, a DeepSpeed engine
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def write_parameters(model: nn.Module, named_tensors) -> None:
+    """Copy (name, tensor) pairs into `model`'s parameters of those names, one at a time; under ZeRO-3 each is
+    gathered (collective), written on every rank and kept from rank 0. Cold start's KL reference takes π(θ_SFT, w)
+    this way (`vllm_sync.iter_policy_weights`), and a resumed run the saved reference."""
+    params = dict(_bare(model).named_parameters())
+    for name, tensor in named_tensors:
+        if name not in params:
+            raise KeyError(f"{type(_bare(model)).__name__} has no parameter {name!r} to write.")
+        with gathered([params[name]], modifier_rank=0):
+            params[name].data.copy_(tensor)
+
+
+def parameters_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of `model` in full, on the CPU (gathered one at a time under ZeRO-3: collective)."""
+    out = {}
+    for name, param in _bare(model).named_parameters():
+        with gathered([param]):
+            out[name] = param.data.detach().cpu().clone()
+    return out
 
 
 def _release(params: list[nn.Parameter]) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from bridge_trl import BridgeTrainer
 from bridge_trl.chord import mu_at
 from bridge_trl.luffy import OFF_POLICY_KEY, LuffyTraces, off_policy_token_loss, substitute_traces
 from bridge_trl.sft import SFTBatch, sft_loss, tokenize_sft_dataset
@@ -84,11 +85,14 @@ def test_chord_without_phi_is_mix(tmp_path, make_model, tokenizer, rl_dataset, s
     assert_dicts_close(chord.get_base_state_dict(), mix.get_base_state_dict(), atol=1e-7, rtol=0)
 
 
-def test_chord_sft_part_and_mu_log(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
-    """μ ≡ 1: θ¹ = θ⁰ − α ∇L_SFT-φ(θ⁰), L_SFT-φ computed directly (fp64, one example at a time); logs μ(k)."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chord_sft_part_and_mu_log(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset, temperature):
+    """μ ≡ 1: θ¹ = θ⁰ − α ∇L_SFT-φ(θ⁰), L_SFT-φ computed directly (fp64, one example at a time); logs μ(k). At a
+    rollout temperature T ≠ 1 the SFT log-probs and φ come from logits / T, as in Trinity-RFT's CHORD."""
     lr = 0.1
     trainer = train(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset, method="chord", learning_rate=lr,
-                    chord_mu_peak=1.0, chord_mu_valley=1.0, per_device_sft_batch_size=len(sft_dataset))  # fmt: skip
+                    chord_mu_peak=1.0, chord_mu_valley=1.0, per_device_sft_batch_size=len(sft_dataset),
+                    temperature=temperature)  # fmt: skip
     model = make_model()
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     nll, count = 0.0, 0
@@ -96,7 +100,7 @@ def test_chord_sft_part_and_mu_log(tmp_path, make_model, tokenizer, rl_dataset, 
         p_ids = tokenizer(prompt)["input_ids"]
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         logits = model(input_ids=torch.tensor([p_ids + c_ids])).logits[0, len(p_ids) - 1 : -1].double()
-        logp = torch.log_softmax(logits, -1)[torch.arange(len(c_ids)), torch.tensor(c_ids)]
+        logp = torch.log_softmax(logits / temperature, -1)[torch.arange(len(c_ids)), torch.tensor(c_ids)]
         nll = nll - (logp.exp() * (1 - logp.exp())).detach().mul(logp).sum()
         count += len(c_ids)
     (nll / count).backward()
@@ -168,12 +172,20 @@ def test_luffy_without_matching_traces_is_rl(tmp_path, make_model, tokenizer, rl
     assert [h["luffy/trace_group_fraction"] for h in luffy.state.log_history if "loss" in h] == [0.0, 0.0]
 
 
-def test_luffy_update_and_advantages_direct(tmp_path, make_model, tokenizer, rl_dataset, traces):
+# The default (dapo: one token mean, std-scaled advantages) and the reference's training script: no std scaling,
+# the sum over tokens / (rows × max length) (`loss_remove_token_mean`, TRL's dr_grpo), an entropy bonus over every
+# completion token, traces included (a large coefficient here, so that a bonus over on-policy tokens only fails).
+RECIPES = {"dapo": dict(loss_type="dapo"),
+           "reference": dict(loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.05)}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_luffy_update_and_advantages_direct(tmp_path, make_model, tokenizer, rl_dataset, traces, recipe):
     """One step of luffy (G = 4, one trace per group) against a direct fp64 computation of the mixed group's
-    advantages and of θ¹ = θ⁰ − α ∇ (1/N)[Σ_on −A r(θ) + Σ_off −A f(π_θ)], r = π/π_old at π_old = π_θ⁰."""
-    lr, gamma = 0.1, 0.1
+    advantages and of θ¹ = θ⁰ − α ∇ (1/N)[Σ_on −A r(θ) + Σ_off −A f(π_θ)] (− c H̄), r = π/π_old at π_old = π_θ⁰."""
+    lr, gamma, kw = 0.1, 0.1, RECIPES[recipe]
     trainer = make_trainer(tmp_path, make_model(), tokenizer, rl_dataset, traces, method="luffy", learning_rate=lr,
-                           luffy_shaping_gamma=gamma, **SGD)  # fmt: skip
+                           luffy_shaping_gamma=gamma, **SGD, **kw)  # fmt: skip
     captured = []
     compute = trainer._compute_loss
     trainer._compute_loss = lambda model, inputs: captured.append(dict(inputs)) or compute(model, inputs)
@@ -196,13 +208,14 @@ def test_luffy_update_and_advantages_direct(tmp_path, make_model, tokenizer, rl_
     assert len(groups) == 2 and all(off[idx].sum() == 1 and len(idx) == 4 for idx in groups.values())
     assert trainer.state.log_history[0]["luffy/trace_group_fraction"] == 1.0
 
-    # Advantages: (r − mean) / (std + 1e-4) over each mixed group, the trace scored by the reward like the rest.
+    # Advantages: (r − mean) / (std + 1e-4) over each mixed group (no division with scale_rewards="none"), the
+    # trace scored by the reward like the rest.
     rewards = torch.tensor(toy_reward([f"{answers[p]}." if off[i] else c for i, (p, c) in
                                        enumerate(zip(prompts, completions, strict=True))]), dtype=torch.float64)  # fmt: skip
     expected_adv = torch.zeros(len(prompts), dtype=torch.float64)
     for idx in groups.values():
         r = rewards[idx]
-        expected_adv[idx] = (r - r.mean()) / (r.std() + 1e-4)
+        expected_adv[idx] = (r - r.mean()) / (r.std() + 1e-4 if kw.get("scale_rewards") != "none" else 1.0)
     torch.testing.assert_close(inputs["advantages"].double(), expected_adv, atol=1e-6, rtol=1e-5)
 
     # θ¹ from a direct fp64 computation on the captured batch.
@@ -217,7 +230,15 @@ def test_luffy_update_and_advantages_direct(tmp_path, make_model, tokenizer, rl_
     on_term = -adv * probs / probs.detach()  # GRPO's ratio at π_old = π_θ⁰: unclipped there
     off_term = -adv * probs / (probs + gamma)  # f(π_θ(t)), behaviour probability 1, unclipped
     per_token = torch.where(off[:, None], off_term, on_term)
-    ((per_token * cmask).sum() / cmask.sum()).backward()  # one token mean over every completion token
+    if kw["loss_type"] == "dapo":
+        loss = (per_token * cmask).sum() / cmask.sum()  # one token mean over every completion token
+    else:  # dr_grpo: rows × max_completion_length (6 in the tests)
+        loss = (per_token * cmask).sum() / (cmask.size(0) * 6)
+    if "entropy_coef" in kw:  # the mean token entropy over every completion token
+        logsoft = torch.log_softmax(logits, -1)
+        entropy = -(logsoft.exp() * logsoft).sum(-1)  # (B, T)
+        loss = loss - kw["entropy_coef"] * (entropy * cmask).sum() / cmask.sum()
+    loss.backward()
     grads = tied_grads(model)
     expected = {k: theta0[k] - lr * grads[k] for k in theta0}
     assert_dicts_close(trainer.get_base_state_dict(), expected, atol=1e-6, rtol=1e-4)
@@ -225,11 +246,47 @@ def test_luffy_update_and_advantages_direct(tmp_path, make_model, tokenizer, rl_
     assert trainer.state.log_history[0]["luffy/off_policy_prob"] == pytest.approx(off_prob.item(), rel=1e-4)
 
 
+def trace_reward(completions, answer, **kwargs):
+    """1 for the expert trace's text only: the random tiny policy never writes it."""
+    return [float(c == f"{a}.") for c, a in zip(completions, answer, strict=True)]
+
+
+def test_luffy_metrics_separate_traces_from_rollouts(tmp_path, make_model, tokenizer, rl_dataset, traces):
+    """TRL's reward and completion metrics describe the policy's own rollouts; the traces are logged under luffy/
+    and counted as SFT data consumed (2 steps, 2 groups of G = 4 per step, one trace each)."""
+    trainer = BridgeTrainer(make_model(), trace_reward, args=make_config(tmp_path, method="luffy", max_steps=2, **SGD),
+                            train_dataset=rl_dataset, sft_dataset=traces, processing_class=tokenizer)  # fmt: skip
+    captured = []
+    compute = trainer._compute_loss
+    trainer._compute_loss = lambda model, inputs: captured.append(dict(inputs)) or compute(model, inputs)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["reward"] for h in logs] == [0.0, 0.0]  # the mixed batch would read 2/8 = 0.25
+    assert [h["rewards/trace_reward/mean"] for h in logs] == [0.0, 0.0]
+    assert [h["luffy/trace_reward"] for h in logs] == [1.0, 1.0] and [h["luffy/traces"] for h in logs] == [
+        2,
+        2,
+    ]
+    seen = 0
+    for step, (inputs, log) in enumerate(zip(captured, logs, strict=True), start=1):
+        off, lengths = inputs[OFF_POLICY_KEY], inputs["completion_mask"].sum(1).double()
+        assert log["completions/mean_length"] == pytest.approx(lengths[~off].mean().item())
+        assert log["luffy/trace_length"] == pytest.approx(lengths[off].mean().item())
+        seen += (inputs["prompt_mask"].sum(1) + lengths)[~off].sum().item()
+        assert log["num_tokens"] == seen  # the policy's own prompt + completion tokens only
+        assert log["bridge/rl_samples"] == 6 * step and log["bridge/sft_samples"] == 2 * step
+    trace_tokens = sum((i["completion_mask"].sum(1) * i[OFF_POLICY_KEY]).sum().item() for i in captured)
+    rl_tokens = sum((i["completion_mask"].sum(1) * ~i[OFF_POLICY_KEY]).sum().item() for i in captured)
+    assert logs[-1]["bridge/sft_tokens"] == trace_tokens and logs[-1]["bridge/rl_tokens"] == rl_tokens
+
+
 def test_luffy_config_errors(tmp_path):
     with pytest.raises(ValueError, match="luffy_num_off_policy"):
         make_config(tmp_path, method="luffy", luffy_num_off_policy=4)
     with pytest.raises(ValueError, match="loss_type"):
         make_config(tmp_path, method="luffy", loss_type="grpo")
+    with pytest.raises(ValueError, match="use_adaptive_entropy"):
+        make_config(tmp_path, method="luffy", use_adaptive_entropy=True)
     with pytest.raises(ValueError, match="luffy_shaping_gamma"):
         make_config(tmp_path, method="luffy", luffy_shaping_gamma=0.0)
     with pytest.raises(ValueError, match="chord_mu_peak"):
