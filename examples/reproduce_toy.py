@@ -6,9 +6,9 @@
     python examples/reproduce_toy.py --sweep             # re-tune every method's lr on the validation split
     python examples/reproduce_toy.py --methods bridge rl --seeds 1 2 --max_steps 40
 
-A tiny Qwen2 is pretrained until its validation accuracy is in a band (cached under ~/.cache/bridge_trl/toy_base),
-then every method of DESIGN.md §3 trains from it on the same budget with the learning rates committed in
-bridge_trl/toy/tuned.json. Writes DIR/results.json, DIR/results.md, DIR/curves.png and DIR/dynamics.png; a sweep
+Every method of DESIGN.md §3 trains from the calibrated tiny Qwen2 that ships with the package
+(bridge_trl/toy/shipped_base/, hash-checked; nothing is pretrained) on the same budget with the learning rates
+committed in bridge_trl/toy/tuned.json. `--pretrain_base` rebuilds a base from the recipe instead. Writes DIR/results.json, DIR/results.md, DIR/curves.png and DIR/dynamics.png; a sweep
 writes DIR/sweep.json and updates tuned.json.
 """
 
@@ -25,9 +25,17 @@ from dataclasses import asdict
 from tqdm.auto import tqdm
 
 from bridge_trl.methods import METHODS
-from bridge_trl.toy.base import BaseSettings, base_history, greedy_accuracy, toy_base_model
+from bridge_trl.toy.base import (
+    SHIPPED_BASE_DIR,
+    BaseSettings,
+    base_history,
+    file_sha256,
+    greedy_accuracy,
+    toy_base_model,
+)
 from bridge_trl.toy.calibration import format_checks, premise_checks
 from bridge_trl.toy.report import plot_curves, plot_dynamics, results_table, tuning_table, write_markdown
+from bridge_trl.toy.robustness import flips, side_by_side
 from bridge_trl.toy.run import ToyRunSettings, run_method, single_thread_worker
 from bridge_trl.toy.sweep import TUNED_PATH, load_tuned, run_sweep, tuned_lrs
 from bridge_trl.toy.task import toy_splits
@@ -39,7 +47,12 @@ CALIBRATION_PATH = os.path.join(os.path.dirname(os.path.abspath(TUNED_PATH)), "C
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, a few steps, a short smoke base (< 2 min).")
-    p.add_argument("--check", action="store_true", help="Only the calibration checks: rl and sft, tuned lrs.")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="Only the calibration checks: rl and sft, tuned lrs.",
+    )
+    p.add_argument("--strict", action="store_true", help="Exit with status 1 when a calibration check fails.")
     p.add_argument("--sweep", action="store_true", help="Tune every method's lr on the validation split.")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="Default 1-5 (quick: 1; sweep: 1 2).")
@@ -58,19 +71,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--lr", type=float, default=None, help="One learning rate for every method (no tuned lrs)."
     )
+    p.add_argument("--compare_with", default=None,
+                   help="A results.json of another run of the same demo (e.g. the unperturbed one): results.md then "
+                        "puts the two runs' checks, accuracies and verdicts side by side.")  # fmt: skip
     p.add_argument("--target", type=float, default=0.5, help="Accuracy for the steps-to-target column.")
-    p.add_argument(
-        "--base_steps",
-        type=int,
-        default=None,
-        help="Smoke base: stop pretraining after this many steps whatever the accuracy (quick: 100).",
-    )
-    p.add_argument("--cache_dir", default=None, help="Where the base model is cached.")
+    p.add_argument("--pretrain_base", action="store_true",
+                   help="Rebuild the base from the recipe (BaseSettings) instead of loading the shipped one; it is "
+                        "another model than the one tuned.json was tuned on.")  # fmt: skip
+    p.add_argument("--base_path", default=None,
+                   help="Train from this saved base (a `from_pretrained` folder with bridge_toy_settings.json) "
+                        "instead of the shipped one: e.g. a calibration candidate.")  # fmt: skip
+    p.add_argument("--base_steps", type=int, default=None,
+                   help="Smoke base for tests: pretrain this many steps whatever the accuracy.")  # fmt: skip
+    p.add_argument("--cache_dir", default=None, help="Where pretrained (not shipped) bases are saved.")
     p.add_argument("--eval_limit", type=int, default=None,
                    help="Evaluate on the first N sums of the split only (tests; default: all 250).")  # fmt: skip
-    p.add_argument(
-        "--workers", type=int, default=2, help="Runs in parallel, one process and torch thread each."
-    )
+    p.add_argument("--workers", type=int, default=2, help="Runs in parallel, one process each.")
+    p.add_argument("--threads", type=int, default=1,
+                   help="Torch threads per worker (1: each run is bit-identical on one machine; 2 changes the "
+                        "reduction order of every parallel kernel, a perturbation test of the conclusions).")  # fmt: skip
     args = p.parse_args(argv)
     if args.check:
         args.methods = ["rl", "sft"]
@@ -82,15 +101,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.eval_every = args.eval_every or (
         2 if args.quick else args.max_steps if args.sweep else ToyRunSettings.eval_every
     )
-    args.base_steps = args.base_steps or (100 if args.quick else None)
     return args
 
 
-def base_settings(args) -> BaseSettings:
+def base_settings(args) -> BaseSettings | None:
+    """None: the shipped base (or, with --pretrain_base, the recipe's); else a smoke base of --base_steps steps."""
     if args.base_steps is None:
-        return BaseSettings()
+        return None
     # A smoke base: the band [0, 1] is met at the first evaluation, so it stops after exactly base_steps steps.
     return BaseSettings(band_low=0.0, band_high=1.0, eval_every=args.base_steps, max_steps=args.base_steps)
+
+
+def numerics(threads: int) -> dict:
+    """What sets the floating-point reduction order of a run: torch threads and the kernels' instruction set."""
+    import torch
+
+    return {"torch": torch.__version__, "threads_per_worker": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
+               if k in os.environ}}  # fmt: skip
 
 
 def run_cells(cells, base_path, splits, settings, args, split) -> list[dict]:
@@ -98,7 +126,8 @@ def run_cells(cells, base_path, splits, settings, args, split) -> list[dict]:
     records = []
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
     runs_dir = os.path.join(args.output_dir, "runs")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=single_thread_worker) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=single_thread_worker,
+                             initargs=(args.threads,)) as pool:  # fmt: skip
         futures = {pool.submit(run_method, m, s, lrs, base_path, splits, settings, runs_dir, split): i
                    for i, (m, s, lrs) in enumerate(cells)}  # fmt: skip
         bar = tqdm(total=len(futures), desc="Runs")
@@ -118,12 +147,14 @@ def run_cells(cells, base_path, splits, settings, args, split) -> list[dict]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    single_thread_worker()
+    single_thread_worker(args.threads)
     logging.getLogger("bridge_trl").setLevel(logging.INFO)
     os.makedirs(args.output_dir, exist_ok=True)
     splits = toy_splits()
     bs = base_settings(args)
-    base_path = toy_base_model(bs, splits, cache_dir=args.cache_dir)
+    base_path = args.base_path or toy_base_model(
+        bs, splits, cache_dir=args.cache_dir, pretrain=args.pretrain_base
+    )
     settings = ToyRunSettings(max_steps=args.max_steps, eval_every=args.eval_every)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,8 +177,10 @@ def main(argv=None) -> dict:
     meta = {
         "target_accuracy": args.target, "eval_split": args.split, "num_eval": len(splits[args.split]),
         "base_path": base_path, "base_params": sum(p.numel() for p in base.parameters()),
-        "base_accuracy": base_accuracy, "base": base_history(base_path), "base_settings": asdict(bs),
-        "lr_selection": selection, "workers": args.workers, "cuts": CUTS,
+        "base_accuracy": base_accuracy, "base": base_history(base_path), "base_sha256": file_sha256(
+            os.path.join(base_path, "model.safetensors")), "shipped_base": base_path == SHIPPED_BASE_DIR,
+        "lr_selection": selection, "workers": args.workers, "threads": args.threads, "cuts": CUTS,
+        "numerics": numerics(args.threads),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "argv": vars(args),
     }  # fmt: skip
     meta["total_seconds"] = time.perf_counter() - start
@@ -155,7 +188,22 @@ def main(argv=None) -> dict:
         CALIBRATION_PATH
     ) as f:  # the calibration trials, rejected ones included, travel with the results
         extra = "## Tuning record\n\n" + tuning_table(tuned) + "\n\n" + f.read().replace("# ", "## ", 1)
+    robustness = None
+    if args.compare_with:  # the perturbation test: this run beside the reference run
+        with open(args.compare_with) as f:
+            reference = json.load(f)
+        robustness = {"reference": os.path.abspath(args.compare_with)}
     out = write_markdown(os.path.join(args.output_dir, "results.md"), records, meta, checks, extra)
+    if robustness is not None:
+        this = {"meta": meta, **out, "checks": checks, "runs": records}
+        robustness.update(
+            flips=flips(reference, this), table=side_by_side(reference, this, "reference", "this run")
+        )
+        with open(os.path.join(args.output_dir, "results.md"), "a") as f:
+            f.write(
+                f"\n\n## Against {args.compare_with} (floating-point perturbation)\n\n{robustness['table']}\n"
+            )
+        meta["robustness"] = robustness
     plot_curves(os.path.join(args.output_dir, "curves.png"), records, args.target)
     plot_dynamics(os.path.join(args.output_dir, "dynamics.png"), records)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -165,12 +213,17 @@ def main(argv=None) -> dict:
     print("\n" + out["sentence"])
     print(f"\nWrote {args.output_dir}/results.md, results.json, curves.png, dynamics.png in "
           f"{meta['total_seconds']:.0f} s")  # fmt: skip
+    if args.strict and not all(c["passed"] for c in checks):
+        raise SystemExit(
+            "A calibration check failed: " + "; ".join(c["text"] for c in checks if not c["passed"])
+        )
     return {**out, "checks": checks}
 
 
 CUTS = (
-    "30 optimizer steps (phase 1: 80; 8 methods x 5 seeds must fit in 10 min on 2 cores, and on base E SFT's format "
-    "switch is done by step 4, so the 20% point, step 6, is past it); evaluation at steps 0, 6, 15, 30 only "
+    "30 optimizer steps (phase 1: 80; 8 methods x 5 seeds must fit in 10 min on 2 cores; chosen on base E, where "
+    "SFT's format switch was done by step 4, before the 20% point, step 6: on the shipped base F, at SFT's tuned "
+    "rate, it is not, see CALIBRATION.md phase 3); evaluation at steps 0, 6, 15, 30 only "
     "(on all 250 held-out sums: a smaller set would widen every CI); the sweep scores the final accuracy only and "
     "evaluates at steps 0, 6, 15, 30; a 0.33M-parameter model (DESIGN.md's 0.8M doubled the time for no gain); "
     "4 prompts x 8 rollouts per step kept (fewer rollouts would weaken RL's group baseline)."
@@ -215,7 +268,11 @@ def sweep(args, base_path, splits, settings, start) -> dict:
                  seconds=time.perf_counter() - start)  # fmt: skip
     with open(os.path.join(args.output_dir, "sweep.json"), "w") as f:
         json.dump(tuned, f, indent=1)
-    with open(os.path.join(args.output_dir, "sweep_runs.json"), "w") as f:
+    runs_path = os.path.join(args.output_dir, "sweep_runs.json")
+    if os.path.exists(runs_path):  # a sweep of some methods keeps the other methods' earlier trials
+        with open(runs_path) as f:
+            trials = [t for t in json.load(f) if t["method"] not in result] + trials
+    with open(runs_path, "w") as f:
         json.dump(trials, f)
     with open(args.tuned, "w") as f:
         json.dump(tuned, f, indent=1)

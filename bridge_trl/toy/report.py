@@ -150,13 +150,15 @@ def write_markdown(path: str, records: list[dict], meta: dict, checks: list[dict
         f"- chord: CHORD-{'φ' if settings.get('chord_phi') else 'μ'}, μ from {settings.get('chord_mu_peak')} at step 0 to "
         f"{settings.get('chord_mu_valley')} by a cosine over the whole budget (the reference's schedule, scaled); luffy: "
         f"{settings.get('luffy_num_off_policy')} of the {settings['rollouts_per_prompt']} rollouts of each group is the "
-        f"prompt's paired trace, γ = {settings.get('luffy_shaping_gamma')}"
+        f"prompt's paired trace, γ = {settings.get('luffy_shaping_gamma')}, loss_type "
+        f"{settings.get('luffy_loss_type', 'dapo')}, scale_rewards {settings.get('luffy_scale_rewards', 'group')}, "
+        f"entropy bonus {settings.get('luffy_entropy_coef', 0.0)} (the reference's training script)"
         + (f" (trace found for a fraction {luffy_fraction(records):.2f} of the groups)." if luffy_fraction(records)
            is not None else "."),
         f"- Cut to fit the time limit: {meta.get('cuts', '–')}",
         f"- Learning rates: {meta['lr_selection']}",
-        f"- s / step: training wall time per step, evaluation excluded ({meta['workers']} runs in parallel, one torch "
-        f"thread each; {meta['machine']}). Peak RSS: VmHWM, reset per run. Tokens: SFT + RL completion tokens.",
+        f"- s / step: training wall time per step, evaluation excluded ({meta['workers']} runs in parallel, "
+        f"{meta.get('threads', 1)} torch thread(s) each; {meta['machine']}). Peak RSS: VmHWM, reset per run. Tokens: SFT + RL completion tokens.",
         f"- Total wall time: {meta['total_seconds'] / 60:.1f} min.", "",
         "![accuracy curves](curves.png)", "", "![reward and length](dynamics.png)", "", extra,
     ]  # fmt: skip

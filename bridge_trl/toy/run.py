@@ -110,15 +110,16 @@ def training_state_mb(trainer) -> float:
     return total / 2**20
 
 
-def single_thread_worker() -> None:
-    """Process initializer: one torch thread and no per-worker progress bars. A 0.8M-parameter model gains nothing
-    from a second thread, and OpenMP threads stall whenever another job holds a core; runs use the cores instead.
+def single_thread_worker(threads: int = 1) -> None:
+    """Process initializer: one torch thread (or `threads`) and no per-worker progress bars. A 0.3M-parameter model
+    gains little from a second thread, and OpenMP threads stall whenever another job holds a core; runs use the
+    cores instead. A second thread changes the reduction order of every parallel kernel: a perturbation test.
     The main process shows one bar for all runs, so the workers' "Loading weights" and dataset bars are silenced."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault(
         "DS_ACCELERATOR", "cpu"
     )  # the demo runs on the CPU; DeepSpeed warns when it guesses
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/TRL, per run
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     import datasets
@@ -135,8 +136,9 @@ def single_thread_worker() -> None:
 class ToyRunSettings:
     """The budget every method shares: same steps, prompts per step, rollouts per prompt and SFT batch."""
 
-    # 30 steps (phase 1: 80) so that 8 methods x 5 seeds fit in 10 min on 2 cores; on base E SFT's format switch is
-    # done by step 4, so the 20% point (step 6) is past it.
+    # 30 steps (phase 1: 80) so that 8 methods x 5 seeds fit in 10 min on 2 cores; chosen on base E, whose SFT
+    # format switch was done by step 4, before the 20% point (step 6). On the shipped base F at SFT's tuned rate it
+    # is not (CALIBRATION.md, phase 3).
     max_steps: int = 30
     eval_every: int = 15  # plus the 20% point: evaluations at steps 0, 6, 15, 30 (each costs ~1.3 s)
     prompts_per_step: int = 4
@@ -154,9 +156,14 @@ class ToyRunSettings:
     chord_mu_peak: float = 0.9
     chord_mu_valley: float = 0.05
     chord_phi: bool = False
-    # luffy: 1 of the G rollouts of each group replaced by the prompt's paired trace, γ = 0.1 (the paper's).
+    # luffy: 1 of the G rollouts of each group replaced by the prompt's paired trace, γ = 0.1 (the paper's), and the
+    # rest of the reference's training script (ElliottYan/LUFFY exp_scripts/train.sh): no std scaling of the
+    # advantages, the loss over the maximum response length (TRL's dr_grpo), an entropy bonus of 0.001.
     luffy_num_off_policy: int = 1
     luffy_shaping_gamma: float = 0.1
+    luffy_loss_type: str = "dr_grpo"
+    luffy_scale_rewards: str = "none"
+    luffy_entropy_coef: float = 0.001
 
 
 def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, output_dir: str):
@@ -178,7 +185,11 @@ def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, out
         cold_start_sft_ratio=settings.cold_start_sft_ratio, chord_mu_peak=settings.chord_mu_peak,
         chord_mu_valley=settings.chord_mu_valley, chord_mu_warmup_steps=0, chord_mu_decay_steps=settings.max_steps,
         chord_phi=settings.chord_phi, luffy_num_off_policy=settings.luffy_num_off_policy,
-        luffy_shaping_gamma=settings.luffy_shaping_gamma, loss_type="dapo", logging_steps=1, save_strategy="no", report_to="none",
+        luffy_shaping_gamma=settings.luffy_shaping_gamma, logging_steps=1, save_strategy="no", report_to="none",
+        # TRL's defaults for every method but luffy, which runs as its reference does (`ToyRunSettings`)
+        loss_type=settings.luffy_loss_type if method == "luffy" else "dapo",
+        scale_rewards=settings.luffy_scale_rewards if method == "luffy" else "group",
+        entropy_coef=settings.luffy_entropy_coef if method == "luffy" else 0.0,
         bf16=False, use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
 
