@@ -17,17 +17,25 @@ several runs render into one table with `--results a.json b.json` (alone, nothin
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .eval_report import average, load_results, plot_results, render_table
-from .prompts import DEFAULT_TEMPLATE, PROMPT_TEMPLATES, format_prompt, get_template, render_prompt
+from ..evals.generation import (
+    VLLMGenerator,
+    add_generation_args,
+    default_name,
+    generate_hf,
+    load_model,
+    pick_backend,
+)
+from ..evals.generation import stop_token_ids as _stop_token_ids  # noqa: F401  (kept under its old name)
+from ..evals.report import write_outputs
+from ..evals.runner import Benchmark, run_benchmark, sampling_for
+from .eval_report import BENCHMARK_TITLES, average, load_results, plot_results, render_table  # noqa: F401
+from .prompts import DEFAULT_TEMPLATE, PROMPT_TEMPLATES, format_prompt, get_template
 from .rewards import MathVerifier, last_boxed
 
 logger = logging.getLogger(__name__)
@@ -118,113 +126,7 @@ def load_benchmark(
 
 
 # --------------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------------
-def _stop_token_ids(tokenizer, model_config=None) -> list[int]:
-    """EOS ids plus the end-of-turn tokens a chat-formatted base model emits (Qwen's <|im_end|>, Llama's)."""
-    ids = set()
-    for value in (getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id):
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids.update(
-        vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>") if t in vocab
-    )
-    return sorted(ids)
-
-
-def load_model(model: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer) with the PEFT adapter merged in; the tokenizer pads on the left for generation."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    has_own_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_own_tokenizer else model, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-    if adapter:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, adapter).merge_and_unload()
-    return lm.to(device).eval(), tokenizer
-
-
-def generate_hf(
-    lm, tokenizer, texts: list[str], n: int, sampling: dict, batch_size: int = 16
-) -> list[list[str]]:
-    """`n` completions per prompt with batched `generate`, longest prompts first (an OOM shows at once)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    stop_ids = _stop_token_ids(tokenizer, lm.generation_config)
-    special = sampling.get("add_special_tokens", False)
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    outputs: list[list[str]] = [[] for _ in texts]
-    do_sample = sampling["temperature"] > 0
-    kwargs = {"do_sample": do_sample, "max_new_tokens": sampling["max_new_tokens"], "num_return_sequences": n}
-    if do_sample:
-        kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
-    else:  # silence the checkpoint's sampling defaults, which greedy decoding ignores
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=None):
-        batch = order[start : start + batch_size]
-        enc = tokenizer(
-            [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=special
-        )
-        enc = enc.to(lm.device)
-        with torch.inference_mode():
-            out = lm.generate(**enc, **kwargs, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        new = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for j, i in enumerate(batch):
-            outputs[i] = new[j * n : (j + 1) * n]
-    return outputs
-
-
-class VLLMGenerator:
-    """vLLM generation (imported lazily; not a dependency). An adapter is merged and saved first."""
-
-    def __init__(self, model: str, adapter: str | None, args: argparse.Namespace):
-        from vllm import LLM
-
-        self._tmp = None
-        tokenizer_path = model
-        if adapter:
-            lm, tokenizer = load_model(model, adapter, dtype="bfloat16", device="cpu")
-            self._tmp = tempfile.TemporaryDirectory(prefix="bridge_merged_")
-            lm.save_pretrained(self._tmp.name)
-            tokenizer.save_pretrained(self._tmp.name)
-            model = tokenizer_path = self._tmp.name
-        self.llm = LLM(model=model, tokenizer=tokenizer_path, seed=args.seed,
-                       tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def __call__(self, texts: list[str], n: int, sampling: dict, seed: int) -> list[list[str]]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(n=n, temperature=sampling["temperature"], top_p=sampling["top_p"], seed=seed,
-                                max_tokens=sampling["max_new_tokens"], stop_token_ids=_stop_token_ids(self.tokenizer))  # fmt: skip
-        special = sampling.get("add_special_tokens", False)  # tokenised here, exactly as the HF backend does
-        prompts = [
-            {"prompt_token_ids": self.tokenizer(t, add_special_tokens=special)["input_ids"]} for t in texts
-        ]
-        outs = self.llm.generate(prompts, params, use_tqdm=True)
-        return [[o.text for o in out.outputs] for out in outs]
-
-
-def pick_backend(backend: str) -> str:
-    """'vllm' when asked or (for 'auto') when vLLM is installed and a GPU is present, else 'hf'."""
-    if backend != "auto":
-        return backend
-    import torch
-
-    return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
-
-
-# --------------------------------------------------------------------------------------------------
-# The evaluation
+# The evaluation, on the shared generation path (bridge_trl.evals)
 # --------------------------------------------------------------------------------------------------
 def _samples_for(name: str, args: argparse.Namespace) -> int:
     for item in args.samples_per_benchmark or []:
@@ -232,6 +134,40 @@ def _samples_for(name: str, args: argparse.Namespace) -> int:
         if key == name:
             return int(value)
     return args.num_samples
+
+
+def _cut_invented_question(text: str) -> str:
+    """A base model prompted without a chat template may go on to invent the next "Question:"."""
+    return re.split(r"\n\s*Question:", text)[0]
+
+
+def maths_benchmark(
+    name: str, problems: list[dict], template, verifier: MathVerifier, title: str | None = None
+) -> Benchmark:
+    """A maths benchmark for `bridge_trl.evals.runner`: the training prompt, scored by math-verify.
+
+    Each sample gets `extracted` (the answer math-verify read) and `correct`.
+    """
+    template = get_template(template)
+
+    def score(problems: list[dict], completions: list[list[str]]) -> list[list[dict]]:
+        n = len(completions[0]) if completions else 0
+        verdicts = verifier.verify(
+            [p["gold"] for p in problems for _ in range(n)], [c for cs in completions for c in cs]
+        )
+        return [
+            [{"extracted": v.extracted, "correct": v.correct} for v in verdicts[i * n : (i + 1) * n]]
+            for i in range(len(problems))
+        ]
+
+    return Benchmark(
+        name=name,
+        problems=problems,
+        build_prompt=lambda p: format_prompt(p["question"], template),
+        score=score,
+        title=title or BENCHMARK_TITLES.get(name, name),
+        postprocess=None if template.conversational else _cut_invented_question,
+    )
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -250,6 +186,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         tokenizer = generator.tokenizer
     else:
         lm, tokenizer = load_model(args.model, args.adapter, args.dtype, args.device)
+
+    def generate(texts: list[str], n: int, sampling: dict) -> list[list[str]]:
+        if backend == "vllm":
+            return generator(texts, n, sampling, args.seed)
+        return generate_hf(
+            lm, tokenizer, texts, n, sampling, args.batch_size
+        )  # looked up here: tests patch it
+
     template = get_template(args.prompt_template)
     verifier = MathVerifier(timeout_s=args.verify_timeout_s)
     results = {"name": args.name, "model": args.model, "adapter": args.adapter, "backend": backend,
@@ -257,42 +201,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     try:
         for name, problems in benchmarks.items():
             n = _samples_for(name, args)
-            temperature = args.temperature if args.temperature is not None else (0.6 if n > 1 else 0.0)
-            sampling = {
-                "temperature": temperature,
-                "top_p": args.top_p,
-                "max_new_tokens": args.max_new_tokens,
-                # A chat template writes its own BOS; a plain-text prompt (abel) needs the tokenizer's.
-                "add_special_tokens": not template.conversational,
-            }
-            texts = [render_prompt(format_prompt(p["question"], template), tokenizer) for p in problems]
-            logger.info(
-                "%s: %d problems x %d samples (temperature %.2f)", name, len(problems), n, temperature
-            )
-            if backend == "vllm":
-                completions = generator(texts, n, sampling, args.seed)
-            else:
-                completions = generate_hf(lm, tokenizer, texts, n, sampling, args.batch_size)
-            if not template.conversational:  # a base model may go on to invent the next "Question:"
-                completions = [[re.split(r"\n\s*Question:", c)[0] for c in cs] for cs in completions]
+            sampling = sampling_for(n, args.temperature, args.top_p, args.max_new_tokens)
             before = verifier.num_timeouts
-            verdicts = verifier.verify(
-                [p["gold"] for p in problems for _ in range(n)], [c for cs in completions for c in cs]
+            entry = run_benchmark(
+                maths_benchmark(name, problems, template, verifier), generate, tokenizer, n, sampling
             )
-            rows = []
-            for i, (problem, cs) in enumerate(zip(problems, completions, strict=True)):
-                vs = verdicts[i * n : (i + 1) * n]
-                samples = [
-                    {"completion": c, "extracted": v.extracted, "correct": v.correct}
-                    for c, v in zip(cs, vs, strict=True)
-                ]
-                rows.append({**problem, "accuracy": sum(v.correct for v in vs) / n, "samples": samples})
-            accuracy = 100.0 * sum(r["accuracy"] for r in rows) / max(1, len(rows))
-            results["scores"][name] = accuracy
-            results["benchmarks"][name] = {"accuracy": accuracy, "num_problems": len(rows), "num_samples": n,
-                                           "temperature": temperature, "verify_timeouts": verifier.num_timeouts - before,
-                                           "problems": rows}  # fmt: skip
-            logger.info("%s: %.1f%% (avg@%d)", name, accuracy, n)
+            entry["verify_timeouts"] = verifier.num_timeouts - before
+            results["scores"][name] = entry["accuracy"]
+            results["benchmarks"][name] = entry
+            logger.info("%s: %.1f%% (avg@%d)", name, entry["accuracy"], n)
     finally:
         verifier.close()
     results["average"] = average(results["scores"])
@@ -303,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bridge_trl.maths.evaluate", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--model", help="hub id or local path of the model (with --adapter: the base model)")
-    p.add_argument("--adapter", help="PEFT adapter to load on top of --model and merge before generation")
-    p.add_argument("--name", help="row label in the table (default: the model's/adapter's folder name)")
+    add_generation_args(p, max_new_tokens=5120)
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     p.add_argument("--data_dir", help="local copies laid out as <data_dir>/<benchmark>/test.jsonl")
     p.add_argument(
@@ -313,29 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
     p.add_argument("--prompt_template", default=DEFAULT_TEMPLATE, choices=list(PROMPT_TEMPLATES))
-    p.add_argument("--max_new_tokens", type=int, default=5120, help="paper: 5120 for 3B models, 8192 for 8B")
     p.add_argument("--num_samples", type=int, default=1, help="samples per problem; >1 reports avg@k")
     p.add_argument("--samples_per_benchmark", nargs="*", metavar="NAME=K", help="e.g. aime24=32 amc23=8")
     p.add_argument("--temperature", type=float, help="default: 0 (greedy) for 1 sample, 0.6 for several")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
-    p.add_argument("--batch_size", type=int, default=16, help="prompts per HF generate call")
-    p.add_argument(
-        "--dtype", default="auto", help="HF backend: auto (bf16 on GPU, fp32 on CPU), bfloat16, ..."
-    )
-    p.add_argument("--device", help="HF backend device (default: cuda if available, else cpu)")
-    p.add_argument("--tensor_parallel_size", type=int, default=1, help="vLLM backend")
-    p.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM backend")
     p.add_argument("--verify_timeout_s", type=float, default=10.0, help="hard time limit per answer check")
     p.add_argument("--output_dir", help="default: eval_results/<name>")
     p.add_argument("--results", nargs="+", help="results.json files to add to the table (alone: render only)")
     return p
-
-
-def _default_name(args: argparse.Namespace) -> str:
-    base = Path(args.model.rstrip("/")).name
-    return f"{base}+{Path(args.adapter.rstrip('/')).name}" if args.adapter else base
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -351,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     previous = load_results(args.results or [])
     result = None
     if args.model:
-        args.name = args.name or _default_name(args)
+        args.name = args.name or default_name(args)
         result = evaluate(args)
     out_dir = (
         Path(args.output_dir) if args.output_dir else (Path("eval_results") / args.name if result else None)
@@ -359,13 +258,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = previous + ([result] if result else [])
     table = render_table(rows)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if result:
-            with open(out_dir / "results.json", "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=1, ensure_ascii=False)
-        (out_dir / "results.md").write_text(table, encoding="utf-8")
-        plot_results(rows, out_dir / "results.png")
-        logger.info("Wrote %s", out_dir)
+        write_outputs(out_dir, result, table, rows, BENCHMARK_TITLES)
     print(table)  # the CLI's product; the library itself logs
     return result
 
