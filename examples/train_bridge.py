@@ -3,6 +3,10 @@
     accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 4 \\
         examples/train_bridge.py --config configs/recipes/Qwen2.5-3B/bridge.yaml
 
+`task: maths` (the default) trains on maths prompts and traces with the math-verify reward; `task: logic` on
+Knights-and-Knaves puzzles (`bridge_trl.logic`: the training split's prompts for RL and its solver-written traces
+for SFT, the binary `logic_reward`; the splits are written to `logic_data_dir` when absent).
+
 Every field of `ScriptArguments`, `BridgeConfig` and TRL's `ModelConfig` can be set in the recipe or overridden on
 the command line (`--learning_rate 1e-6`).
 """
@@ -18,7 +22,10 @@ from datasets import concatenate_datasets, load_dataset
 from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from bridge_trl import BridgeConfig, BridgeTrainer, default_peft_config
+from bridge_trl import BridgeConfig, BridgeTrainer, NoisyReward, default_peft_config
+from bridge_trl.logic.data import ensure_splits, load_split
+from bridge_trl.logic.evaluate import main as logic_evaluate_main
+from bridge_trl.logic.rewards import LogicReward
 from bridge_trl.maths.data import (
     DEEPMATH_HUB_ID,
     LIMR_HUB_ID,
@@ -36,8 +43,24 @@ logger = logging.getLogger(__name__)
 RL_SOURCES = {"limr": LIMR_HUB_ID, "math": MATH_HUB_ID}
 
 
+TASKS = ("maths", "logic")
+
+
 @dataclass
 class ScriptArguments:
+    task: str = field(
+        default="maths",
+        metadata={
+            "help": "'maths': the fields below choose the data; 'logic': Knights and Knaves from `logic_data_dir` "
+            "(the RL and SFT fields other than the caps are then unused)."
+        },
+    )
+    logic_data_dir: str = field(
+        default="data/logic",
+        metadata={
+            "help": "logic: the splits' folder (`python -m bridge_trl.logic.data`); written when absent."
+        },
+    )
     rl_datasets: list[str] = field(
         default_factory=lambda: ["limr"],
         metadata={"help": "RL prompt sets: 'limr', 'math' (MATH levels 3-5), hub ids or local files/dirs."},
@@ -76,14 +99,31 @@ class ScriptArguments:
         default=0.0, metadata={"help": "Reward otherwise: 0 as in the experiments, -1 for Eq. 3."}
     )
     reward_timeout_s: float = field(default=10.0, metadata={"help": "Time limit per verified completion."})
+    reward_flip_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Flip the training reward with this probability (NoisyReward: a verified answer's reward "
+            "becomes `reward_incorrect` and vice versa), to test robustness to noisy rewards (the paper's p = 0.2). "
+            "Evaluation always uses the clean reward."
+        },
+    )
+    reward_flip_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the flips (default: `seed`), so that runs with the same seed see the same noise."
+        },
+    )
     eval_after_training: bool = field(
         default=False,
-        metadata={"help": "Score the trained policy on the five benchmarks (bridge_trl.maths.evaluate)."},
+        metadata={
+            "help": "Score the trained policy: maths on the five benchmarks (bridge_trl.maths.evaluate), logic "
+            "on the evaluation split (bridge_trl.logic.evaluate)."
+        },
     )
     eval_args: str = field(
         default="",
         metadata={
-            "help": "Extra `python -m bridge_trl.maths.evaluate` flags, e.g. '--data_dir DIR --limit 50'."
+            "help": "Extra flags of that evaluation, e.g. '--data_dir DIR --limit 50' (maths), '--limit 20' (logic)."
         },
     )
 
@@ -152,16 +192,44 @@ def main(script_args: ScriptArguments, training_args: BridgeConfig, model_args: 
     if peft_config is None and training_args.method == "bridge":
         peft_config = default_peft_config()
 
-    # Data
-    rl_dataset = load_rl(script_args)
-    sft_dataset = load_sft(script_args)
+    # Data and reward
+    if script_args.task not in TASKS:
+        raise ValueError(f"Unknown `task` {script_args.task!r}: use {' or '.join(map(repr, TASKS))}.")
+    if script_args.task == "logic":
+        # The same puzzles are RL prompts and SFT traces (the paper pairs them, §4.1); the main process writes
+        # the splits first when they are absent, the others then read them.
+        with training_args.main_process_first(desc="Knights-and-Knaves splits"):
+            ensure_splits(script_args.logic_data_dir)
+        # Shuffled (the split is ordered by size), so that `max_*_samples` keep every size.
+        train = load_split(script_args.logic_data_dir, "train").shuffle(seed=training_args.seed)
+        rl_dataset = train.remove_columns("completion")
+        rl_dataset = rl_dataset.select(range(min(len(train), script_args.max_rl_samples or len(train))))
+        sft_dataset = train.select_columns(["prompt", "completion"])
+        sft_dataset = sft_dataset.select(range(min(len(train), script_args.max_sft_samples or len(train))))
+        reward = LogicReward(correct=script_args.reward_correct, incorrect=script_args.reward_incorrect)
+        dataset_name = "knights_knaves"
+    else:
+        rl_dataset = load_rl(script_args)
+        sft_dataset = load_sft(script_args)
+        reward = make_accuracy_reward(
+            correct=script_args.reward_correct, incorrect=script_args.reward_incorrect,
+            timeout_s=script_args.reward_timeout_s,
+        )  # fmt: skip
+        dataset_name = ", ".join(script_args.rl_datasets)
     logger.info("%d RL prompts, %d SFT examples", len(rl_dataset), len(sft_dataset))
+    # Only the reward the trainer trains on is noisy: the evaluation after training scores the saved model with its
+    # own clean verifier, and NoisyReward returns clean rewards in the trainer's eval mode.
+    if script_args.reward_flip_prob:
+        seed = training_args.seed if script_args.reward_flip_seed is None else script_args.reward_flip_seed
+        reward = NoisyReward(
+            reward, script_args.reward_flip_prob, seed=seed,
+            levels=(script_args.reward_incorrect, script_args.reward_correct),
+        )  # fmt: skip
+        logger.info(
+            "Training reward flipped with probability %g (seed %d)", script_args.reward_flip_prob, seed
+        )
 
     # Trainer
-    reward = make_accuracy_reward(
-        correct=script_args.reward_correct, incorrect=script_args.reward_incorrect,
-        timeout_s=script_args.reward_timeout_s,
-    )  # fmt: skip
     trainer = BridgeTrainer(
         model_args.model_name_or_path, reward_funcs=reward, args=training_args, train_dataset=rl_dataset,
         sft_dataset=sft_dataset, processing_class=tokenizer, peft_config=peft_config,
@@ -170,18 +238,25 @@ def main(script_args: ScriptArguments, training_args: BridgeConfig, model_args: 
 
     # Save and push: θ at output_dir, w under output_dir/adapter.
     trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(dataset_name=", ".join(script_args.rl_datasets))
+    trainer.create_model_card(dataset_name=dataset_name)
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=", ".join(script_args.rl_datasets))
+        trainer.push_to_hub(dataset_name=dataset_name)
     logger.info("Saved to %s", training_args.output_dir)
 
-    # Evaluate: greedy pass@1 on MATH500, Minerva Math, OlympiadBench, AIME24 and AMC23, on the main process.
+    # Evaluate on the main process: maths, greedy pass@1 on MATH500, Minerva Math, OlympiadBench, AIME24 and AMC23;
+    # logic, greedy accuracy per number of people on the evaluation split.
     if script_args.eval_after_training and trainer.accelerator.is_main_process:
         out = training_args.output_dir
         adapter = (
             ["--adapter", os.path.join(out, "adapter")] if os.path.isdir(os.path.join(out, "adapter")) else []
         )
         del trainer
+        if script_args.task == "logic":
+            logic_evaluate_main(
+                ["--model", out, *adapter, "--data_dir", script_args.logic_data_dir,
+                 "--output_dir", os.path.join(out, "eval"), *shlex.split(script_args.eval_args)]
+            )  # fmt: skip
+            return
         evaluate_main(
             ["--model", out, *adapter, "--prompt_template", script_args.prompt_template,
              "--output_dir", os.path.join(out, "eval"), *shlex.split(script_args.eval_args)]

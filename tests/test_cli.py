@@ -67,6 +67,13 @@ def test_recipe_runs_end_to_end(tmp_path, method):
     assert (out / "eval" / "results.json").exists()
 
 
+def test_reward_flip_prob_trains_on_a_noisy_reward(tmp_path):
+    """`reward_flip_prob` wraps the training reward in NoisyReward: the run logs its realised flip rate."""
+    result = run_cli(write_recipe(tmp_path, "rl", reward_flip_prob=0.5, logging_steps=1, log_level="info"))
+    logs = result.stdout + result.stderr
+    assert "Training reward flipped with probability 0.5" in logs and "flip_rate" in logs
+
+
 def test_shipped_recipes_parse():
     from trl import ModelConfig, TrlParser
 
@@ -78,18 +85,36 @@ def test_shipped_recipes_parse():
     recipes = sorted((ROOT / "configs/recipes").glob("*/*.yaml"))
     cpu_recipes = [
         r for r in recipes if r.parent.name == "SmolLM2-135M-Instruct"
-    ]  # tests/test_real.py runs them
-    assert len(recipes) - len(cpu_recipes) == 24  # the paper's three models × eight methods
-    assert sorted(r.stem for r in cpu_recipes) == ["bridge", "rl"]
+    ]  # tests/test_real.py and tests/test_real_logic.py run them
+    paper = [r for r in recipes if r not in cpu_recipes]
+    # The paper's three models × eight methods, for maths; × four for logic.
+    assert sum(not r.stem.startswith("logic_") for r in paper) == 24
+    logic = sorted(r.stem for r in paper if r.stem.startswith("logic_"))
+    assert logic == sorted(f"logic_{m}" for m in ("bridge", "rl", "cold_start", "mix") for _ in range(3))
+    assert sorted(r.stem for r in cpu_recipes) == ["bridge", "logic_bridge", "rl"]
     for recipe in recipes:
         parser = TrlParser((ScriptArguments, BridgeConfig, ModelConfig))
         script, training, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
-        assert training.method == recipe.stem
-        assert model.use_peft == (recipe.stem == "bridge")
+        method = recipe.stem.removeprefix("logic_")
+        assert training.method == method
+        assert model.use_peft == (method == "bridge")
+        assert script.task == ("logic" if recipe.stem.startswith("logic_") else "maths")
         if recipe not in cpu_recipes:
             assert training.learning_rate == 5e-7 and training.num_generations in (5, 8)
-        else:
+        elif script.task == "maths":
             assert script.sft_format == "solutions" and training.report_to == ["tensorboard"]
+        else:
+            assert training.report_to == ["tensorboard"] and training.max_steps > 0
+    # A logic recipe is its maths recipe but for the data, where it writes, and the epochs (commented there).
+    data_fields = {"rl_datasets", "sft_dataset", "pair_sft_with_rl", "prompt_template", "think", "task",
+                   "logic_data_dir", "output_dir", "num_train_epochs"}  # fmt: skip
+    for recipe in (r for r in paper if r.stem.startswith("logic_")):
+        ours = yaml.safe_load(recipe.read_text())
+        maths = yaml.safe_load((recipe.parent / f"{recipe.stem.removeprefix('logic_')}.yaml").read_text())
+        assert {k: v for k, v in ours.items() if k not in data_fields} == {
+            k: v for k, v in maths.items() if k not in data_fields
+        }, recipe
+        assert "num_train_epochs: 2  #" in recipe.read_text()
 
 
 def test_wandb_offline_run_holds_bridge_metrics(tmp_path):
