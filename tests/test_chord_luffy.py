@@ -263,10 +263,8 @@ def test_luffy_metrics_separate_traces_from_rollouts(tmp_path, make_model, token
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["reward"] for h in logs] == [0.0, 0.0]  # the mixed batch would read 2/8 = 0.25
     assert [h["rewards/trace_reward/mean"] for h in logs] == [0.0, 0.0]
-    assert [h["luffy/trace_reward"] for h in logs] == [1.0, 1.0] and [h["luffy/traces"] for h in logs] == [
-        2,
-        2,
-    ]
+    assert [h["luffy/trace_reward"] for h in logs] == [1.0, 1.0]
+    assert [h["luffy/traces"] for h in logs] == [2, 2]
     seen = 0
     for step, (inputs, log) in enumerate(zip(captured, logs, strict=True), start=1):
         off, lengths = inputs[OFF_POLICY_KEY], inputs["completion_mask"].sum(1).double()
@@ -327,26 +325,33 @@ def launch_method(out, launcher, method, **env):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3"])
-@pytest.mark.parametrize("method", ["chord", "luffy"])
+@pytest.mark.parametrize("method", ["chord", "luffy", "cold_start"])
 def test_two_processes_match_one(tmp_path, method, launcher):
-    """tests/scripts/run_bridge.py: deterministic rollouts, so one and two processes train on the same batch."""
+    """tests/scripts/run_bridge.py: deterministic rollouts, so one and two processes train on the same batch.
+    cold_start: 2 SFT steps then 2 RL steps with β = 0.1 and a LoRA adapter, so the KL reference written at the
+    switch is π(θ_SFT, w) merged (gathered under ZeRO-3): KL 0 at the first RL step on every backend."""
     if launcher != "ddp":
         pytest.importorskip("deepspeed")
     env = {"BRIDGE_TEST_GA": "2"} if launcher != "ddp" else {}
+    extra = {"BRIDGE_TEST_BETA": "0.1", "BRIDGE_TEST_MAX_STEPS": "4"} if method == "cold_start" else {}
     (one, one_logs), (two, two_logs) = (
-        launch_method(tmp_path / "one", "python", method),
-        launch_method(tmp_path / "two", launcher, method, **env),
+        launch_method(tmp_path / "one", "python", method, **extra),
+        launch_method(tmp_path / "two", launcher, method, **env, **extra),
     )
     for a, b in zip(one, two, strict=True):
         assert_dicts_close(a, b, atol=1e-6, rtol=1e-5)
     keys = {"chord": ["bridge/sft_loss", "bridge/rl_loss", "bridge/mu", "reward", "grad_norm"],
             "luffy": ["bridge/rl_loss", "reward", "luffy/trace_group_fraction", "luffy/off_policy_prob",
-                      "grad_norm"]}[method]  # fmt: skip
+                      "grad_norm"],
+            "cold_start": ["bridge/rl_loss", "reward", "kl", "grad_norm"]}[method]  # fmt: skip
     assert len(one_logs) == len(two_logs) == 2
     for h1, h2 in zip(one_logs, two_logs, strict=True):
         assert [h1[k] for k in keys] == pytest.approx([h2[k] for k in keys], abs=1e-5)
     if method == "luffy":
         assert sum(h["luffy/trace_group_fraction"] for h in one_logs) > 0  # traces did enter the groups
+    if method == "cold_start":
+        # merged W + ΔW in the reference against the unmerged adapter in the policy: equal up to rounding
+        assert max(abs(one_logs[0]["kl"]), abs(two_logs[0]["kl"])) < 1e-8 and one_logs[1]["kl"] > 1e-6
 
 
 @pytest.mark.slow
