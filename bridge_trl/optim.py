@@ -73,13 +73,15 @@ class BridgeOptimizersMixin:
         One joint norm over θ and w would let the cooperative-gain term −λ ∇_w L_RL(θ̂, w), which only w's update
         has, shrink θ's step, while θ̂ (clipped on its own norm) is not shrunk: at λ = 1 the two would then take
         different RL steps from the same gradient. Per group, θ and θ̂ see the same rule, and `mix`/`rl` runs clip θ
-        exactly as before. Under DeepSpeed the engine clips inside its step with one norm over all of its
+        exactly as before. A baseline given an adapter (`peft_config`: e.g. mix with w trained on the joint loss,
+        BRIDGE without its cooperative-gain term) clips the same way, so that it differs from BRIDGE in that term
+        only. Under DeepSpeed the engine clips inside its step with one norm over all of its
         (flattened, partitioned) parameters, θ and w together: `gradient_clipping` cannot be split per group
         there, so that backend keeps the joint norm for θ and w (θ̂ is still clipped on its own); a warning says so.
         """
-        if self.args.method != "bridge" or self.is_deepspeed_enabled:
-            return super()._clip_grad_norm(model)
         base, adapter = split_parameters(self.model)
+        if not adapter or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
         max_norm = self.args.max_grad_norm
         norm = self.accelerator.clip_grad_norm_([p for _, p in base], max_norm)
         adapter_norm = self.accelerator.clip_grad_norm_([p for _, p in adapter], max_norm)

@@ -15,14 +15,10 @@ writes DIR/sweep.json and updates tuned.json.
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-
-from tqdm.auto import tqdm
 
 from bridge_trl.methods import METHODS
 from bridge_trl.toy.base import (
@@ -36,7 +32,9 @@ from bridge_trl.toy.base import (
 from bridge_trl.toy.calibration import format_checks, premise_checks
 from bridge_trl.toy.report import plot_curves, plot_dynamics, results_table, tuning_table, write_markdown
 from bridge_trl.toy.robustness import flips, side_by_side
-from bridge_trl.toy.run import ToyRunSettings, run_method, single_thread_worker
+from bridge_trl.toy.run import Cell, ToyRunSettings, single_thread_worker
+from bridge_trl.toy.run import run_cells as pool_run_cells
+from bridge_trl.toy.studies import STUDIES, StudyContext, run_study, write_overview
 from bridge_trl.toy.sweep import TUNED_PATH, load_tuned, run_sweep, tuned_lrs
 from bridge_trl.toy.task import toy_splits
 
@@ -54,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--strict", action="store_true", help="Exit with status 1 when a calibration check fails.")
     p.add_argument("--sweep", action="store_true", help="Tune every method's lr on the validation split.")
+    p.add_argument("--study", default=None, choices=[*STUDIES, "all"],
+                   help="Run one of issue 18's studies (or all four, `make study`) into OUTPUT_DIR/<name>/: parts "
+                        "(C1), noise (C2), lambda (C3), plateau (C4); bridge_trl/toy/STUDY.md reports them.")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="Default 1-5 (quick: 1; sweep: 1 2).")
     p.add_argument("--split", default=None, choices=["val", "test"], help="Default test (sweep: val).")
@@ -93,9 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.check:
         args.methods = ["rl", "sft"]
-    args.seeds = args.seeds or ([1] if args.quick else [1, 2] if args.sweep else [1, 2, 3, 4, 5])
+    one = [1, 2] if args.study else [1]  # a study's quick mode still pairs two seeds (its CIs need them)
+    # noise and lambda: 3 paired seeds, so that each fits 40 min on 2 cores (parts and plateau set their own)
+    full = [1, 2, 3] if args.study else [1, 2, 3, 4, 5]
+    args.seeds = args.seeds or (one if args.quick else [1, 2] if args.sweep else full)
     args.split = args.split or ("val" if args.sweep else "test")
-    args.output_dir = args.output_dir or ("runs/toy_sweep" if args.sweep else "runs/toy_figure1")
+    args.output_dir = args.output_dir or (
+        "runs/toy_sweep" if args.sweep else "runs/study" if args.study else "runs/toy_figure1"
+    )
     args.max_steps = args.max_steps or (4 if args.quick else ToyRunSettings.max_steps)
     # A sweep scores the final accuracy only: it evaluates at step 0, the 20%/50% points and the end.
     args.eval_every = args.eval_every or (
@@ -122,26 +128,10 @@ def numerics(threads: int) -> dict:
 
 
 def run_cells(cells, base_path, splits, settings, args, split) -> list[dict]:
-    """Train every (method, seed, lrs) cell in worker processes: one progress bar, one log line per finished run."""
-    records = []
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
-    runs_dir = os.path.join(args.output_dir, "runs")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=single_thread_worker,
-                             initargs=(args.threads,)) as pool:  # fmt: skip
-        futures = {pool.submit(run_method, m, s, lrs, base_path, splits, settings, runs_dir, split): i
-                   for i, (m, s, lrs) in enumerate(cells)}  # fmt: skip
-        bar = tqdm(total=len(futures), desc="Runs")
-        for future in as_completed(futures):
-            r = future.result()
-            records.append((futures[future], r))
-            luffy = r.get("luffy_trace_group_fraction")
-            bar.write(f"{r['method']:<11} seed {r['seed']} lr {r['learning_rate']:g}: {split} accuracy "
-                      f"{100 * r['curve'][0][2]:.1f}% → {100 * r['final_accuracy']:.1f}%, "
-                      f"{r['seconds_per_step']:.3f} s/step"
-                      + (f", luffy trace groups {luffy:.2f}" if luffy is not None else ""))  # fmt: skip
-            bar.update()
-        bar.close()
-    return [r for _, r in sorted(records, key=lambda x: x[0])]
+    """Train every (method, seed, lrs) cell under `settings` in worker processes (`bridge_trl.toy.run.run_cells`)."""
+    cells = [Cell(m, s, lrs, settings) for m, s, lrs in cells]
+    return pool_run_cells(cells, base_path, splits, split, os.path.join(args.output_dir, "runs"), args.workers,
+                          args.threads)  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -160,6 +150,11 @@ def main(argv=None) -> dict:
 
     if args.eval_limit:  # a tiny evaluation set, for tests: the pretraining band still uses all of val
         splits = {**splits, args.split: splits[args.split].select(range(args.eval_limit))}
+    if args.study:  # the test split is the report's; val is where anything is tuned or calibrated
+        splits = (
+            {**splits, "val": splits["val"].select(range(args.eval_limit))} if args.eval_limit else splits
+        )
+        return studies(args, base_path, splits, settings, start)
     base = AutoModelForCausalLM.from_pretrained(base_path)
     base_accuracy = greedy_accuracy(base, AutoTokenizer.from_pretrained(base_path), splits[args.split])
     if args.sweep:
@@ -278,6 +273,29 @@ def sweep(args, base_path, splits, settings, start) -> dict:
         json.dump(tuned, f, indent=1)
     print(f"Wrote {args.output_dir}/sweep.json and {args.tuned} in {time.perf_counter() - start:.0f} s")
     return tuned
+
+
+def studies(args, base_path, splits, settings, start) -> dict:
+    """Issue 18's studies (`bridge_trl.toy.studies`), each into OUTPUT_DIR/<name>/; `all` also writes STUDY.md."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(base_path),
+        AutoTokenizer.from_pretrained(base_path),
+    )
+    base_accuracy = {s: greedy_accuracy(model, tokenizer, splits[s]) for s in ("val", "test")}
+    names = list(STUDIES) if args.study == "all" else [args.study]
+    results = {}
+    for name in names:
+        ctx = StudyContext(name=name, output_dir=os.path.join(args.output_dir, name), base_path=base_path,
+                           splits=splits, settings=settings, tuned=load_tuned(args.tuned), seeds=args.seeds,
+                           quick=args.quick, workers=args.workers, threads=args.threads)  # fmt: skip
+        results[name] = run_study(name, ctx, base_accuracy)
+        print(f"Study {name}: wrote {ctx.output_dir}/results.md, results.json and figures in "
+              f"{results[name]['wall_seconds']:.0f} s")  # fmt: skip
+    if len(names) > 1:
+        print(f"Wrote {write_overview(args.output_dir, names)} in {time.perf_counter() - start:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

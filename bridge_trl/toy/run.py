@@ -6,13 +6,16 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import multiprocessing
 import os
 import resource
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
 from .base import greedy_accuracy
@@ -164,6 +167,20 @@ class ToyRunSettings:
     luffy_loss_type: str = "dr_grpo"
     luffy_scale_rewards: str = "none"
     luffy_entropy_coef: float = 0.001
+    # The studies' knobs (`bridge_trl.toy.studies`); the defaults are the demo's.
+    lambda_schedule: str = (
+        "constant"  # λ(k): 'constant' (bridge_lambda), or 'linear'/'cosine' from lambda_start
+    )
+    lambda_start: float = (
+        0.0  # λ at step 0 of an annealed schedule, which reaches bridge_lambda at the last step
+    )
+    reward_flip_prob: float = (
+        0.0  # training reward flipped with this probability (`NoisyReward`, seed = run seed)
+    )
+    adapter: bool = False  # a LoRA adapter w for a method other than bridge (bridge always has one)
+    extra_eval_steps: tuple[
+        int, ...
+    ] = ()  # more evaluations (the plateau study: right after cold start's switch)
 
 
 def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, output_dir: str):
@@ -182,6 +199,7 @@ def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, out
         sft_learning_rate=lrs.get("sft_learning_rate", lr),
         # Constant lr: a decay would hand cold start's RL phase a smaller lr than RL-zero gets.
         lr_scheduler_type="constant", bridge_lambda=settings.bridge_lambda,
+        lambda_schedule=settings.lambda_schedule, lambda_start=settings.lambda_start, lambda_warmup_ratio=1.0,
         cold_start_sft_ratio=settings.cold_start_sft_ratio, chord_mu_peak=settings.chord_mu_peak,
         chord_mu_valley=settings.chord_mu_valley, chord_mu_warmup_steps=0, chord_mu_decay_steps=settings.max_steps,
         chord_phi=settings.chord_phi, luffy_num_off_policy=settings.luffy_num_off_policy,
@@ -195,29 +213,35 @@ def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, out
 
 
 def run_method(method: str, seed: int, lrs: dict | float, base_path: str, splits: dict, settings: ToyRunSettings,
-               output_dir: str, eval_split: str = "test") -> dict:  # fmt: skip
-    """Train `method` from the base at `base_path` and return its JSON-able record."""
+               output_dir: str, eval_split: str = "test", arm: str | None = None) -> dict:  # fmt: skip
+    """Train `method` from the base at `base_path` and return its JSON-able record (`arm`: a study's label for
+    this configuration, default the method)."""
     from peft import LoraConfig
 
+    from ..noisy_reward import NoisyReward
     from ..trainer import BridgeTrainer
 
     lrs = {"learning_rate": lrs} if isinstance(lrs, float) else dict(lrs)
     rss_start, rss_reset = reset_peak_rss()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path)
-    # Only BRIDGE has an adapter (its upper level); the baselines train θ alone, as in the paper.
+    # Only BRIDGE has an adapter (its upper level); the baselines train θ alone, as in the paper (the parts study
+    # gives mix one too: `settings.adapter`).
     peft_config = (LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
                               target_modules="all-linear", task_type="CAUSAL_LM")
-                   if method == "bridge" else None)  # fmt: skip
+                   if method == "bridge" or settings.adapter else None)  # fmt: skip
+    # Noise on the training reward only: the accuracy callback scores greedy completions with its own matcher.
+    reward = (NoisyReward(boxed_exact_match, settings.reward_flip_prob, seed=seed)
+              if settings.reward_flip_prob > 0 else boxed_exact_match)  # fmt: skip
     marks = (
         round(0.2 * settings.max_steps),
         round(0.5 * settings.max_steps),
     )  # the report's 20% / 50% points
-    callback = AccuracyCallback(
-        tokenizer, splits[eval_split], settings.eval_every, settings.max_completion_length, marks
-    )
-    trainer = BridgeTrainer(model, boxed_exact_match, processing_class=tokenizer, peft_config=peft_config,
-                            args=method_args(method, lrs, seed, settings, os.path.join(output_dir, f"{method}-seed{seed}")),
+    callback = AccuracyCallback(tokenizer, splits[eval_split], settings.eval_every, settings.max_completion_length,
+                                (*marks, *settings.extra_eval_steps))  # fmt: skip
+    run_dir = os.path.join(output_dir, f"{arm or method}-seed{seed}")
+    trainer = BridgeTrainer(model, reward, processing_class=tokenizer, peft_config=peft_config,
+                            args=method_args(method, lrs, seed, settings, run_dir),
                             train_dataset=splits["rl"], sft_dataset=splits["sft"], callbacks=[callback])  # fmt: skip
     trainer.remove_callback(
         PrinterCallback
@@ -226,6 +250,9 @@ def run_method(method: str, seed: int, lrs: dict | float, base_path: str, splits
     trainer.train()
     wall = time.perf_counter() - start - callback.seconds
     record = _record(method, seed, lrs, trainer, callback, settings, eval_split)
+    record["arm"] = arm or method
+    if isinstance(reward, NoisyReward):  # the realised flip rate over every training reward of the run
+        record["flip_rate"] = reward.flips / max(1, reward.flippable)
     record.update(seconds_per_step=wall / max(1, trainer.state.global_step), train_seconds=wall,
                   eval_seconds=callback.seconds, peak_rss_mb=peak_rss_mb(),
                   peak_rss_above_start_mb=peak_rss_mb() - rss_start if rss_reset else None,
@@ -264,3 +291,38 @@ def _record(method, seed, lrs, trainer, callback, settings, eval_split) -> dict:
         "cooperative_gain_curve": gains,
         "luffy_trace_group_fraction": sum(f for _, f in luffy) / len(luffy) if luffy else None,
     }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run to make: `method` at `lrs` with `seed` under `settings`; `arm` labels it in a study's tables."""
+
+    method: str
+    seed: int
+    lrs: dict | float
+    settings: ToyRunSettings
+    arm: str | None = None
+
+
+def run_cells(cells: list[Cell], base_path: str, splits: dict, split: str, runs_dir: str, workers: int = 2,
+              threads: int = 1, desc: str = "Runs") -> list[dict]:  # fmt: skip
+    """Train every cell in `workers` processes: one progress bar, one line per finished run; records in cell
+    order."""
+    records = {}
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=single_thread_worker,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        futures = {pool.submit(run_method, c.method, c.seed, c.lrs, base_path, splits, c.settings, runs_dir, split,
+                               c.arm): i for i, c in enumerate(cells)}  # fmt: skip
+        bar = tqdm(total=len(futures), desc=desc)
+        for future in as_completed(futures):
+            r = future.result()
+            records[futures[future]] = r
+            luffy = r.get("luffy_trace_group_fraction")
+            bar.write(f"{r['arm']:<14} seed {r['seed']} lr {r['learning_rate']:g}: {split} accuracy "
+                      f"{100 * r['curve'][0][2]:.1f}% → {100 * r['final_accuracy']:.1f}%, "
+                      f"{r['seconds_per_step']:.3f} s/step"
+                      + (f", luffy trace groups {luffy:.2f}" if luffy is not None else ""))  # fmt: skip
+            bar.update()
+        bar.close()
+    return [records[i] for i in range(len(cells))]

@@ -96,7 +96,7 @@ def method_record(
 
 def run_sweep(
     methods: list[str],
-    grid: list[float],
+    grid: list[float] | dict[str, list[float]],
     seeds: list[int],
     evaluate,
     max_extensions: int = 3,
@@ -105,10 +105,11 @@ def run_sweep(
     """Tune each method on `grid`; `evaluate(cells)` trains [(method, seed, lrs)] on the validation split and
     returns their final accuracies in order. A best lr on the grid's edge extends that method's grid by one point
     on that side, up to `max_extensions` times; every trial and extension is recorded."""
-    grids = {m: list(grid) for m in methods}
+    grid = grid if isinstance(grid, dict) else dict.fromkeys(methods, grid)  # one grid, or one per method
+    grids = {m: list(grid[m]) for m in methods}
     scores = {m: {} for m in methods}
     extensions = {m: [] for m in methods}
-    pending = {m: list(grid) for m in methods}
+    pending = {m: list(grid[m]) for m in methods}
     while any(pending.values()):
         cells = [(m, s, lr) for m in methods for lr in pending[m] for s in seeds]
         accs = evaluate([(m, s, lrs_for(m, lr, sft_ratio)) for m, s, lr in cells])

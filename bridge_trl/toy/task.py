@@ -130,3 +130,30 @@ def pretraining_corpus(num_examples: int, hard_prompts: list[str], easy_max: int
             body = trace_of((a, b)) if trace else f"\\boxed{{{a + b}}}"
         texts.append(prompt + body)
     return texts
+
+
+def slip_traces(
+    sft: Dataset, share: float, seed: int = 0, direction: str = "random"
+) -> tuple[Dataset, list[int]]:
+    """The SFT pairs with a `share` of traces given one arithmetic slip, as distilled traces have: the last partial
+    sum is off by one and the boxed answer follows it, so the trace is fluent, its last step and its answer are
+    wrong. `direction` 'random': up or down at random (never below 0), which leaves the correct sum the most likely
+    one for any share below 2/3; 'up': always one too many, a systematic teacher error that becomes the most likely
+    answer once `share` > 1/2. The rows slipped are drawn once from `seed` (the same for every method and run);
+    returns (dataset, slipped row indices)."""
+    if direction not in ("random", "up"):
+        raise ValueError(f"direction must be 'random' or 'up', got {direction!r}.")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}.")
+    rng = random.Random(seed)
+    rows = list(range(len(sft)))
+    slipped = sorted(rng.sample(rows, round(share * len(rows))))
+    completions = list(sft["completion"])
+    for i in slipped:
+        head, sep, last = completions[i].rpartition(",")
+        if not sep:  # a 2-number trace has one step: slip it
+            head, last = "", last
+        lhs, total = last.split(".\\boxed")[0].split("=")
+        wrong = int(total) + (1 if direction == "up" or int(total) == 0 or rng.random() < 0.5 else -1)
+        completions[i] = f"{head}{sep}{lhs}={wrong}.\\boxed{{{wrong}}}"
+    return Dataset.from_dict({"prompt": list(sft["prompt"]), "completion": completions}), slipped
