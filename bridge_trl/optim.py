@@ -19,6 +19,7 @@ import logging
 from contextlib import nullcontext
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import get_scheduler
 
 from .methods import cold_start_switch
@@ -79,8 +80,10 @@ class BridgeOptimizersMixin:
         (flattened, partitioned) parameters, θ and w together: `gradient_clipping` cannot be split per group
         there, so that backend keeps the joint norm for θ and w (θ̂ is still clipped on its own); a warning says so.
         """
+        if self.is_deepspeed_enabled or not is_peft_model(self.model):  # no adapter: one norm (no name scan)
+            return super()._clip_grad_norm(model)
         base, adapter = split_parameters(self.model)
-        if not adapter or self.is_deepspeed_enabled:
+        if not adapter:
             return super()._clip_grad_norm(model)
         max_norm = self.args.max_grad_norm
         norm = self.accelerator.clip_grad_norm_([p for _, p in base], max_norm)

@@ -168,19 +168,12 @@ class ToyRunSettings:
     luffy_scale_rewards: str = "none"
     luffy_entropy_coef: float = 0.001
     # The studies' knobs (`bridge_trl.toy.studies`); the defaults are the demo's.
-    lambda_schedule: str = (
-        "constant"  # λ(k): 'constant' (bridge_lambda), or 'linear'/'cosine' from lambda_start
-    )
-    lambda_start: float = (
-        0.0  # λ at step 0 of an annealed schedule, which reaches bridge_lambda at the last step
-    )
-    reward_flip_prob: float = (
-        0.0  # training reward flipped with this probability (`NoisyReward`, seed = run seed)
-    )
+    # λ(k): 'constant' (bridge_lambda), or 'linear'/'cosine' from lambda_start to bridge_lambda at the last step
+    lambda_schedule: str = "constant"
+    lambda_start: float = 0.0
+    reward_flip_prob: float = 0.0  # training reward flipped with this probability (`NoisyReward`, run seed)
     adapter: bool = False  # a LoRA adapter w for a method other than bridge (bridge always has one)
-    extra_eval_steps: tuple[
-        int, ...
-    ] = ()  # more evaluations (the plateau study: right after cold start's switch)
+    extra_eval_steps: tuple[int, ...] = ()  # more evaluations (plateau: right after cold start's switch)
 
 
 def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, output_dir: str):

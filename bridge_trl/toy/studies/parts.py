@@ -78,7 +78,7 @@ def run(ctx: StudyContext) -> dict:
     kinds = ("bridge", "mix", "mix_lora")
     pilot_n = 2 if ctx.quick else PILOT
     max_n = 3 if ctx.quick else MAX_SEEDS
-    pilot = ctx.seeds[:1] + [ctx.seeds[0] + i for i in range(1, pilot_n)]
+    pilot = [ctx.seeds[0] + i for i in range(pilot_n)]
     records = ctx.run(_cells(ctx, kinds, rates, pilot) + _cells(ctx, ("bridge_beta0",), rates, pilot[:2]),
                       phase="pilot")  # fmt: skip
     sds = {r: paired_difference(finals(records, _arm("bridge", r)), finals(records, _arm("mix", r)))["std"]
