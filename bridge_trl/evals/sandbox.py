@@ -6,16 +6,28 @@ interpreter, never in the evaluator's process, and returns a `SandboxResult` wit
 *parent* compares the outputs. `check_programs(jobs)` runs many at once in a thread pool (each thread only waits
 on its child process, so a stuck program never blocks the others).
 
-Containment, strongest mode first (`isolation()` says which one this machine gives):
-- every mode: its own session and process group, killed as a whole at the wall-clock timeout; RLIMIT_CPU,
-  RLIMIT_AS (memory), RLIMIT_FSIZE (file and stdout size), RLIMIT_NOFILE, no core files; stdin closed
-  (/dev/null); a clean environment (PATH and LANG only: no inherited secrets); a fresh temporary working
-  directory, removed afterwards; `python -I -S` (no PYTHON* variables, no site-packages, no user site);
+Containment, strongest mode first (`isolation()` says which one this machine gives, `mode_interpreter(mode)`
+whether a given one is available):
+- every mode: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (file and stdout size), RLIMIT_NOFILE, no core
+  files; stdin closed (/dev/null); a clean environment (PATH and LANG only: no inherited secrets); a fresh
+  temporary working directory, removed afterwards; `python -I -S` (no PYTHON* variables, no site-packages, no
+  user site). The run ends when its driver exits or at the wall-clock timeout, and `check_program` returns
+  only after it killed what the program started (`_isolation.stop`), as far as the mode allows:
 - `userns` (Linux, unprivileged user namespaces): also new network (loopback only, down: no network), PID
-  (cannot see or signal any process outside; all of it dies with its first process) and mount namespaces, with
-  fresh small tmpfs over /tmp, /var/tmp, /dev/shm, /run/lock and as the working directory;
+  (cannot see or signal any process outside) and mount namespaces, with fresh small tmpfs over /tmp, /var/tmp,
+  /dev/shm, /run/lock and as the working directory. The PID namespace's init is a shell that only waits for
+  the driver; the evaluator kills it by its host PID (a pidfd) and waits, so the kernel kills every process in
+  the namespace whatever it did with sessions, process groups, `prctl` or double forks (and init dies with
+  `unshare` too; without pidfds, Linux < 5.3, that is the only way, and it may finish just after the return).
+  The program runs as the invoking user, as root of the user namespace but with every capability dropped
+  (`setpriv`, where installed), so it can neither trace nor signal that init nor unmount its tmpfs; the user's
+  own files stay writable;
 - `namespaces` (Linux, run as root): as `userns`, and the program runs as a random unprivileged uid, so it
-  cannot write or delete files it does not own, and RLIMIT_NPROC (a fork bomb) counts its processes alone.
+  cannot write or delete files it does not own, and RLIMIT_NPROC (a fork bomb) counts its processes alone;
+- `none` (no namespaces): on Linux the driver's first process stays as a child subreaper that kills and reaps
+  every descendant at the end (`_driver.supervise`); the program, running as the same user, can kill that
+  supervisor, and a process that does so and leaves its process group survives the run. Elsewhere only the
+  process group is killed: a process that calls `setsid()` survives.
 The pass verdict is a nonce the driver (`_driver.py`) sends after the last test ran, over a pipe: exiting early
 or raising never yields it. Not covered: a program that deliberately reads that pipe or inspects the harness's
 frames can forge a pass (it shares an interpreter with the tests); files readable by every user stay readable;
@@ -32,9 +44,7 @@ import secrets
 import select
 import shutil
 import signal
-import stat
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,16 +52,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+# The containment itself (command lines, mode probing, the kill) lives in `_isolation`; these names stay
+# importable from here.
+from ._isolation import CLEAN_ENV, MODES, SUPERVISED, command_line, first_child, mode_interpreter, stop
+
 logger = logging.getLogger(__name__)
 
 DRIVER = (Path(__file__).with_name("_driver.py")).read_text(encoding="utf-8")
-CLEAN_ENV = {
-    "PATH": "/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "HOME": "/nonexistent",
-}
-WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable: hidden behind fresh tmpfs
 _TAIL = 2000  # characters of stdout/stderr kept in a result
 
 
@@ -78,85 +85,17 @@ class SandboxResult:
     duration_s: float = 0.0
 
 
-# ------------------------------------------------------------------------------------------- isolation
-def _world_accessible(path: str) -> bool:
-    """True when a user with no special rights can read and execute `path` (every directory above it too)."""
-    path = os.path.realpath(path)
-    needed = stat.S_IROTH | stat.S_IXOTH  # a directory Python imports from must be listable, too
-    try:
-        if os.stat(path).st_mode & needed != needed:
-            return False
-        parent = os.path.dirname(path)
-        while True:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-            if parent == "/":
-                return True
-            parent = os.path.dirname(parent)
-    except OSError:
-        return False
-
-
-def _interpreter(drop_uid: bool) -> str | None:
-    """This Python, or (when the sandbox drops to another uid) one that other users may run."""
-    if not drop_uid:
-        return os.path.realpath(sys.executable)
-    for candidate in (sys.executable, shutil.which("python3", path=CLEAN_ENV["PATH"])):
-        if (
-            candidate
-            and _world_accessible(candidate)
-            and _world_accessible(
-                os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(candidate))), "lib")
-            )
-        ):
-            return os.path.realpath(candidate)
-    return None
-
-
-def _namespace_script(uid: int | None, work_mb: int, run_driver: bool = True) -> str:
-    """The shell step inside the new namespaces: private tmpfs mounts, then the driver (as `uid` if given)."""
-    mounts = " && ".join(
-        f"{{ [ ! -d {d} ] || mount -t tmpfs -o size=8m,mode=1777,nosuid,nodev tmpfs {d}; }}"
-        for d in WRITABLE_DIRS
-    )
-    owner = f",uid={uid},gid={uid}" if uid is not None else ""
-    drop = f"setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs -- " if uid is not None else ""
-    driver = '"$0" -I -S -c "$1" "$2" "$3"' if run_driver else '"$0" -I -S -c pass'
-    return f"{mounts} && mount -t tmpfs -o size={work_mb}m,mode=0700,nosuid,nodev{owner} tmpfs work && exec {drop}{driver}"
-
-
-UNSHARE = ["--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
-
-
+# ------------------------------------------------------------------------------------------- modes
 @lru_cache(maxsize=1)
 def _mode() -> tuple[str, str]:
-    """(mode, interpreter), probed once by really starting a sandbox whose program is `pass`."""
-    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-    candidates = []
-    if sys.platform.startswith("linux") and unshare:
-        python = _interpreter(drop_uid=True)
-        if os.geteuid() == 0 and setpriv and python:
-            candidates.append(("namespaces", python, [unshare, *UNSHARE]))
-        candidates.append(("userns", _interpreter(False), [unshare, "--user", "--map-root-user", *UNSHARE]))
-    for mode, python, prefix in candidates:
-        with tempfile.TemporaryDirectory(prefix="bridge_sandbox_probe_") as tmp:
-            os.mkdir(os.path.join(tmp, "work"))
-            os.chmod(tmp, 0o711)
-            script = _namespace_script(65534 if mode == "namespaces" else None, 1, run_driver=False)
-            try:
-                ok = subprocess.run([*prefix, "/bin/sh", "-c", script, python], cwd=tmp, env=CLEAN_ENV,
-                                    capture_output=True, timeout=30).returncode == 0  # fmt: skip
-            except (OSError, subprocess.SubprocessError):
-                ok = False
-        if ok:
-            logger.info("Sandbox: %s isolation, interpreter %s", mode, python)
-            return mode, python
-        logger.info("Sandbox mode %s unavailable on this machine", mode)
-    logger.warning(
-        "Sandbox without namespaces: no network, PID or mount isolation, and the program runs as this user "
-        "(it can write this user's files). Run untrusted code in a container."
-    )
-    return "none", _interpreter(False)
+    """(mode, interpreter): the strongest mode this machine gives."""
+    mode = next(m for m in MODES if mode_interpreter(m) is not None)
+    if mode == "none":
+        logger.warning(
+            "Sandbox without namespaces: no network, PID or mount isolation, and the program runs as this user "
+            "(it can write this user's files and kill its supervisor). Run untrusted code in a container."
+        )
+    return mode, mode_interpreter(mode)
 
 
 def isolation() -> str:
@@ -213,13 +152,6 @@ def outputs_match(got: str, expected: str) -> bool:
     return True
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _tail(path: Path) -> str:
     try:
         with open(path, "rb") as f:
@@ -262,7 +194,8 @@ def check_program(
     os.chmod(job_dir, 0o711)  # the dropped uid must traverse it to reach work/, never list it
     uid = 100_000 + secrets.randbelow(1 << 24) if mode == "namespaces" else None
     cpu_s = limits.cpu_s or math.ceil(timeout_s) + 1
-    nproc = limits.processes if mode == "namespaces" else limits.processes + _user_processes()
+    # Other modes count all of this user's processes, the init shell or supervisor that waits for the driver too.
+    nproc = limits.processes if mode == "namespaces" else limits.processes + _user_processes() + 1
     rlimits = {"RLIMIT_CPU": cpu_s, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_FSIZE": limits.file_mb << 20,
                "RLIMIT_NOFILE": limits.open_files, "RLIMIT_CORE": 0,
                "RLIMIT_NPROC": nproc if os.geteuid() != 0 or uid is not None else None}  # fmt: skip
@@ -275,21 +208,10 @@ def check_program(
     res_r, res_w = os.pipe()
     nonce_r, nonce_w = os.pipe()
     os.write(nonce_w, nonce)
-    os.close(
-        nonce_w
-    )  # reading it after the nonce gives EOF: a program that took it leaves nothing for the driver
-    args = [str(res_w), str(nonce_r)]
-    if mode == "none":
-        command = [python, "-I", "-S", "-c", DRIVER, *args]
-    else:
-        prefix = [
-            shutil.which("unshare"),
-            *(["--user", "--map-root-user"] if mode == "userns" else []),
-            *UNSHARE,
-        ]
-        command = [*prefix, "/bin/sh", "-c", _namespace_script(uid, limits.work_mb), python, DRIVER, *args]
+    os.close(nonce_w)  # reading past the nonce gives EOF: a program that took it leaves none for the driver
+    command = command_line(mode, python, uid, limits.work_mb, DRIVER, [str(res_w), str(nonce_r)])
     out_path, err_path = Path(job_dir, "stdout"), Path(job_dir, "stderr")
-    received, killed_for = bytearray(), None
+    received, killed_for, first, proc = bytearray(), None, None, None
     cap = 4 * (limits.file_mb << 20)  # one file's limit per case output is the most a sane program sends
     try:
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -313,10 +235,14 @@ def check_program(
                     break
                 if chunk:
                     continue
+            if first is None and (mode != "none" or SUPERVISED):
+                first = first_child(proc.pid)
             if proc.poll() is not None:
                 break
-        _kill_group(proc)  # stragglers too: forked children in the no-namespace mode
-        returncode = proc.wait()
+        # Stragglers too: whatever the program started, wherever it went.
+        returncode = stop(proc, mode, first)
+        if mode != "none" and returncode > 128:  # the init shell reports a driver killed by signal N: 128 + N
+            returncode = 128 - returncode
         os.set_blocking(res_r, False)
         try:
             while len(received) <= cap and (chunk := os.read(res_r, 1 << 16)):
@@ -324,7 +250,9 @@ def check_program(
         except BlockingIOError:
             pass
     finally:
-        for fd in (res_r, res_w, nonce_r):
+        if proc is not None and proc.returncode is None:  # an exception above (an interrupt): stop it anyway
+            stop(proc, mode, first)
+        for fd in (res_r, res_w, nonce_r, -1 if first is None else first[1]):
             if fd >= 0:
                 os.close(fd)
         stdout, stderr = _tail(out_path), _tail(err_path)

@@ -8,6 +8,8 @@ Environment (defaults in brackets):
 - BRIDGE_TEST_MODEL: a saved model's path, loaded with from_pretrained [the same model, built in memory];
 - BRIDGE_TEST_SAVE: checkpoint every step; BRIDGE_TEST_RESUME: resume from the last complete checkpoint;
 - BRIDGE_TEST_STALL_AT: hang inside that step's save; BRIDGE_TEST_BF16=1: bf16 (DeepSpeed: its bf16 mode).
+- BRIDGE_TEST_CUDA=1: on the GPU (`tests/test_gpu.py`; DeepSpeed over NCCL); BRIDGE_TEST_GC=1: non-reentrant
+  gradient checkpointing.
 - chord runs with μ = 0, then 0.9 (warm-up 1 step); luffy's SFT set holds traces for every other RL prompt, and
   its rollouts come from `_generate_single_turn` (luffy substitutes traces there; it does not take a rollout_func).
 
@@ -125,7 +127,9 @@ def main(out: str) -> None:
         per_device_sft_batch_size=GLOBAL_SFT // world // accumulation, max_steps=int(os.environ.get("BRIDGE_TEST_MAX_STEPS", "2")), optim=os.environ.get("BRIDGE_TEST_OPTIM", "sgd"),
         shadow_rollouts=os.environ.get("BRIDGE_TEST_SHADOW_ROLLOUTS", "shared"), method=method,
         beta=float(os.environ.get("BRIDGE_TEST_BETA", "0")),
-        learning_rate=0.1, lr_scheduler_type="linear", weight_decay=0.0, use_cpu=True,
+        learning_rate=0.1, lr_scheduler_type="linear", weight_decay=0.0,
+        use_cpu=os.environ.get("BRIDGE_TEST_CUDA") != "1", gradient_checkpointing=os.environ.get("BRIDGE_TEST_GC") == "1",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         max_grad_norm=float(os.environ.get("BRIDGE_TEST_MAX_GRAD_NORM", "0")),
         shadow_offload=os.environ.get("BRIDGE_TEST_SHADOW_OFFLOAD", "none"),
         chord_mu_warmup_steps=1, chord_mu_decay_steps=1, chord_mu_peak=0.9, chord_mu_valley=0.05,
