@@ -4,6 +4,7 @@ Layout of a saved model directory (`save_model`, `push_to_hub`, every checkpoint
 
     <dir>/config.json, model.safetensors   θ, loadable with `AutoModelForCausalLM.from_pretrained(<dir>)`
     <dir>/adapter/                           w, loadable with `PeftModel.from_pretrained(base, <dir>/adapter)`
+    <dir>/README.md                          the model card: the method run, and how to load π(θ, w) (`card.py`)
     <dir>/merged/                            optional (`save_merged`): π(θ, w) as one plain model
     <dir>/bridge_state.pt                    checkpoints only: θ̂, extra optimizer states, counters
                                              (ZeRO-3: bridge_state_rank{r}.pt, one per rank's shards)
@@ -203,6 +204,8 @@ class BridgeCheckpointMixin:
                     output_dir, self._unwrapped(), base_sd, self.processing_class, self.args.save_merged
                 )
                 torch.save(self.args, f"{output_dir}/training_args.bin")
+        # The model card (`bridge_trl.card`): the method run, and how to load π(θ, w) from this folder.
+        self.create_model_card(output_dir=output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 

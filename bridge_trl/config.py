@@ -6,8 +6,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
+from .checks import check_cold_start_switch
 from .methods import METHODS
 
 logger = logging.getLogger(__name__)
@@ -16,6 +18,7 @@ LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
 # Below this, an SGD-stepped θ̂ barely leaves θ⁰ (Adam-scale rates are ~1e-7 to 1e-4; SGD on LMs needs ~1e-2+).
 SGD_SHADOW_MIN_LR = 1e-3
 SHADOW_ROLLOUTS = ("shared", "own")
+SHADOW_IS_MODES = ("truncate", "none")  # `bridge_trl.shadow_is`
 LUFFY_LOSS_TYPES = ("dapo", "dr_grpo")
 
 
@@ -121,6 +124,18 @@ class BridgeConfig(GRPOConfig):
             "synced to the engine for it)."
         },
     )
+    shadow_importance_sampling: str = field(
+        default="truncate",
+        metadata={
+            "help": "Shared rollouts: how θ̂'s loss accounts for rollouts sampled from μ = π(θ, w) (vLLM's log-probs "
+            "with its correction on, else the joint pass's), on every generation backend alike. 'truncate': each "
+            "token's loss is weighted by the ratio π(θ̂, w)/μ, per token or per sequence as "
+            "`vllm_importance_sampling_mode` says, truncated to [`vllm_importance_sampling_clip_min`, "
+            "`vllm_importance_sampling_clip_max`] (default C = 3), so θ̂'s step estimates its on-policy gradient "
+            "(Eq. 10). 'none': θ̂'s loss carries only what θ's carries (the paper's estimator, "
+            "E_{π(θ,w)}[A ∇ log π(θ̂,w)], off-policy once θ̂ leaves θ). Ignored with `shadow_rollouts='own'`."
+        },
+    )
     shadow_offload: str = field(
         default="none",
         metadata={
@@ -141,6 +156,15 @@ class BridgeConfig(GRPOConfig):
         metadata={
             "help": "Also write the policy with the adapter merged into the base under `<output_dir>/merged`, "
             "loadable with `AutoModelForCausalLM.from_pretrained` alone."
+        },
+    )
+    merge_adapter_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "HF generation (not vLLM, which merges anyway) samples from π(θ, w) with the adapter merged into "
+            "a copy of the adapted weights and θ restored exactly afterwards (`bridge_trl.merged_generation`): an "
+            "unmerged LoRA layer adds three kernels per linear layer to every decoding step. Costs one transient "
+            "copy of the adapted weights while generating; not applied under ZeRO-3."
         },
     )
     # CHORD (arXiv 2508.11408; `bridge_trl.chord`) and LUFFY (arXiv 2504.14945; `bridge_trl.luffy`)
@@ -186,11 +210,26 @@ class BridgeConfig(GRPOConfig):
             "help": "luffy: γ of the off-policy importance weight f(π) = π / (π + γ), unclipped. Must be > 0."
         },
     )
+    luffy_min_trace_coverage: float = field(
+        default=0.0,
+        metadata={
+            "help": "luffy: the fraction of RL prompts that must have an expert trace in `sft_dataset` (paired by "
+            "the rendered prompt); fewer is an error before training, naming the count. With 0, only a run where no "
+            "prompt has a trace is refused (it would be plain GRPO)."
+        },
+    )
 
     def __post_init__(self):
+        # TRL turns an unset `bf16` on wherever torch runs; TrainingArguments then refuses it on a machine without a
+        # bf16 GPU unless `use_cpu` is set. Unset, it means "where the hardware supports it", so CPU runs are fp32.
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not is_torch_bf16_gpu_available():
+            self.bf16 = False
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        # Checked before `sft_learning_rate`/`adapter_learning_rate` inherit it, so the error names the field set.
+        if self.learning_rate < 0:
+            raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}.")
         if self.adapter_learning_rate is None:
             self.adapter_learning_rate = self.learning_rate
         if self.sft_learning_rate is None:
@@ -199,6 +238,10 @@ class BridgeConfig(GRPOConfig):
             raise ValueError(f"`cold_start_sft_ratio` must be in [0, 1], got {self.cold_start_sft_ratio}.")
         if self.cold_start_sft_steps is not None and self.cold_start_sft_steps < 0:
             raise ValueError(f"`cold_start_sft_steps` must be >= 0, got {self.cold_start_sft_steps}.")
+        if (
+            self.method == "cold_start" and self.max_steps > 0
+        ):  # with epochs, checked once the length is known
+            check_cold_start_switch(self.cold_start_sft_steps, self.cold_start_sft_ratio, self.max_steps)
         for name in ("bridge_lambda", "lambda_start"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -222,6 +265,10 @@ class BridgeConfig(GRPOConfig):
             )
         if self.max_sft_length is not None and self.max_sft_length < 2:
             raise ValueError(f"`max_sft_length` must be >= 2 or None, got {self.max_sft_length}.")
+        if self.shadow_importance_sampling not in SHADOW_IS_MODES:
+            raise ValueError(
+                f"`shadow_importance_sampling` must be one of {SHADOW_IS_MODES}, got {self.shadow_importance_sampling!r}."
+            )
         if self.shadow_rollouts not in SHADOW_ROLLOUTS:
             raise ValueError(
                 f"`shadow_rollouts` must be one of {SHADOW_ROLLOUTS}, got {self.shadow_rollouts!r}."
@@ -254,6 +301,10 @@ class BridgeConfig(GRPOConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.luffy_shaping_gamma <= 0:
             raise ValueError(f"`luffy_shaping_gamma` must be > 0, got {self.luffy_shaping_gamma}.")
+        if not 0.0 <= self.luffy_min_trace_coverage <= 1.0:
+            raise ValueError(
+                f"`luffy_min_trace_coverage` must be in [0, 1], got {self.luffy_min_trace_coverage}."
+            )
         if self.method != "luffy":
             return
         if not 1 <= self.luffy_num_off_policy < (self.num_generations or 0):
@@ -278,11 +329,16 @@ class BridgeConfig(GRPOConfig):
             )
 
     def lambda_at(self, step: int, max_steps: int) -> float:
-        """λ(k) for optimizer step `step` (0-based) of a run of `max_steps` steps."""
+        """λ(k) for optimizer step `step` (0-based) of a run of `max_steps` steps.
+
+        An annealed λ ramps over R = ceil(`lambda_warmup_ratio` · max_steps) steps: step 0 gets `lambda_start` and
+        step R − 1, the ramp's last, gets `bridge_lambda` (so a whole-run ramp ends at its final value); a ramp of
+        one step is `bridge_lambda` from the start.
+        """
         if self.lambda_schedule == "constant":
             return self.bridge_lambda
         ramp = max(1, math.ceil(self.lambda_warmup_ratio * max_steps))
-        t = min(1.0, step / ramp)
+        t = min(1.0, step / (ramp - 1)) if ramp > 1 else 1.0
         if self.lambda_schedule == "cosine":
             t = 0.5 * (1.0 - math.cos(math.pi * t))
         return self.lambda_start + (self.bridge_lambda - self.lambda_start) * t

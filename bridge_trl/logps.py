@@ -1,9 +1,13 @@
 """Observing the per-token log-probabilities GRPO's loss computes, without a second forward pass.
 
 Three parts of the trainer need the (B, C) log-probs of the policy being scored, from the very forward that GRPO's
-`_compute_loss` runs: the cooperative-gain meter (`bridge_trl.gain`), θ̂'s vLLM importance ratio
-(`bridge_trl.vllm_sync`) and LUFFY's off-policy term (`bridge_trl.luffy`). Each wraps
+`_compute_loss` runs: the cooperative-gain meter (`bridge_trl.gain`), θ̂'s importance ratio π(θ̂, w)/μ
+(`bridge_trl.shadow_is`) and LUFFY's off-policy term (`bridge_trl.luffy`). Each wraps
 `GRPOTrainer._get_per_token_logps_and_entropies` for the duration of one block with this context manager.
+
+With shared rollouts the joint RL pass runs first: the gain meter captures its per-token log-probs of π(θ, w)
+(detached, this rank's rows), which are both the meter's sampling density and, under HF generation, θ̂'s μ. Nothing
+is gathered: each rank reads the log-probs of its own rows.
 """
 
 from __future__ import annotations

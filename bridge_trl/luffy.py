@@ -38,8 +38,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from datasets import Dataset
 from trl.trainer.utils import nanstd
 
+from .checks import check_luffy_coverage
 from .logps import observe_logps
 from .sft import normalize_question
 
@@ -126,6 +128,16 @@ class LuffyMixin:
         self.luffy = LuffyTraces(self.sft_dataset, decode, self.args.max_completion_length)
         self._luffy_off = self._luffy_rows = self._luffy_rewards = None
         logger.info("luffy: %d distinct prompts carry expert traces", len(self.luffy.traces))
+        # Without a trace for its prompts, luffy is GRPO: count the RL prompts that pair, rendered as GRPO will.
+        if isinstance(self.train_dataset, Dataset) and "prompt" in self.train_dataset.column_names:
+            prompts = self.train_dataset["prompt"]
+            matched = sum(
+                bool(self.luffy.lookup(ids))
+                for start in range(0, len(prompts), 256)
+                for ids in self._tokenize_prompts(prompts[start : start + 256])[0]
+            )
+            coverage = self.args.luffy_min_trace_coverage
+            check_luffy_coverage(matched, len(prompts), coverage, len(self.luffy.traces))
 
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False

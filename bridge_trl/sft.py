@@ -55,11 +55,12 @@ def normalize_question(text: str) -> str:
     return re.sub(r"\s+", "", text).rstrip(".")
 
 
-def validate_sft_dataset(dataset) -> None:
+def validate_sft_dataset(dataset, method: str = "bridge") -> None:
     """Fail before training, naming the problem: missing dataset, wrong type, empty, missing column."""
     if dataset is None:
         raise ValueError(
-            "`sft_dataset` is required: BRIDGE trains on (prompt, reasoning trace) pairs as well as RL."
+            f"`sft_dataset` is required: method={method!r} trains on (prompt, reasoning trace) pairs"
+            f"{'' if method == 'sft' else ' as well as RL'}. Only method='rl' trains without one."
         )
     if isinstance(dataset, IterableDataset) or not isinstance(dataset, Dataset):
         raise TypeError(
@@ -257,3 +258,17 @@ class SFTStream:
         # of ranks because their gradients are averaged: Σ_step NLL / N_step, however the batch is split.
         tokens = self.step_tokens(step, world, micro_steps)
         return collate(rows, self.pad_token_id, max(tokens, 1) / world, device)
+
+
+def build_sft_stream(trainer, sft_dataset) -> tuple[Dataset | None, SFTStream | None]:
+    """`trainer`'s tokenized SFT set and its per-step stream; (None, None) for a method that trains on RL alone."""
+    if sft_dataset is None:
+        return None, None
+    args = trainer.args
+    tokenized = tokenize_sft_dataset(
+        sft_dataset, trainer._tokenize_prompts, trainer._tokenizer, trainer.eos_token_ids, trainer.chat_template,
+        trainer.chat_template_kwargs, args.max_sft_length,
+    )  # fmt: skip
+    stream = SFTStream(tokenized, args.seed, args.per_device_sft_batch_size, args.gradient_accumulation_steps,
+                       trainer._tokenizer.pad_token_id)  # fmt: skip
+    return tokenized, stream

@@ -5,28 +5,30 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import textwrap
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import is_peft_model
-from peft import LoraConfig
 from trl import GRPOTrainer
 from trl.models.utils import prepare_deepspeed
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
+from .card import BRIDGE_PAPER, BridgeCardMixin
 from .checkpoint import BridgeCheckpointMixin
+from .checks import DEFAULT_ADAPTER, ColdStartSwitchCheck, RewardChecksMixin, check_inputs
 from .chord import mu_at
 from .config import BridgeConfig
 from .gain import GainMeter, GainMixin
 from .luffy import OFF_POLICY_KEY, LuffyMixin
+from .merged_generation import MergedGenerationMixin
 from .methods import StepPlan, step_plan
 from .optim import BridgeOptimizersMixin
-from .sft import SFTStream, sft_loss, tokenize_sft_dataset, validate_sft_dataset
+from .sft import build_sft_stream, sft_loss
 from .shadow import ShadowWeights, split_parameters
-from .vllm_sync import install_vllm_sync, shadow_importance_sampling
+from .shadow_is import shadow_batch, shadow_importance_sampling
+from .vllm_sync import install_vllm_sync
 from .zero import check_backend, initial_reference
 
 logger = logging.getLogger(__name__)
@@ -39,20 +41,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-# Keys of a prepared GRPO batch that describe the sampling policy π(θ, w); the shadow is scored against its own
-# detached log-probs instead (DESIGN.md §2), so they are dropped from its inputs. With vLLM's importance-sampling
-# correction, θ̂ gets its own ratio π(θ̂, w)/μ (`bridge_trl.vllm_sync.shadow_importance_sampling`).
-_SAMPLER_KEYS = ("old_per_token_logps", "importance_sampling_ratio", "sampling_per_token_logps")
-
-
-def default_peft_config() -> LoraConfig:
-    """The paper's adapter: LoRA with r = α = 16 on every linear layer."""
-    return LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-
-
-class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, LuffyMixin, GRPOTrainer):
+class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, LuffyMixin,
+                    MergedGenerationMixin, RewardChecksMixin, GRPOTrainer):  # fmt: skip
     """
     Trainer for BRIDGE: cooperative SFT and RL by bilevel optimisation (https://huggingface.co/papers/2509.06948).
 
@@ -76,7 +66,10 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
     `save_model` (θ plus adapter), `train` (complete checkpoints only), `_load_from_checkpoint`,
     `_save_optimizer_and_scheduler` and `_load_optimizer_and_scheduler` (θ̂ and the extra optimizers) in
     `bridge_trl.checkpoint`; `_generate_single_turn`, `_generate_and_score_completions`, `_compute_loss` (luffy
-    only) in `bridge_trl.luffy`. With `use_vllm`, the weights synced to vLLM are π(θ, w) (`bridge_trl.vllm_sync`).
+    only) in `bridge_trl.luffy`; `create_model_card` in `bridge_trl.card`; `_calculate_rewards` (non-finite or
+    non-numeric rewards stop training) in `bridge_trl.checks`, which also checks every input before any step.
+    `_generate_single_turn` again in `bridge_trl.merged_generation` (HF generation samples from the merged adapter).
+    With `use_vllm`, the weights synced to vLLM are π(θ, w) (`bridge_trl.vllm_sync`).
 
     Args:
         sft_dataset: (prompt, reasoning trace + answer) pairs in TRL's SFT formats: `prompt`/`completion` (strings,
@@ -86,26 +79,18 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
 
     _tag_names = ["trl", "grpo", "bridge"]
     _name = "BRIDGE"
-    _paper = {
-        "title": "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning",
-        "id": "2509.06948",
-        "citation": textwrap.dedent("""\
-            @article{chen2025bridge,
-                title        = {{Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning}},
-                author       = {Liang Chen and Xueting Han and Li Shen and Jing Bai and Kam-Fai Wong},
-                year         = 2025,
-                eprint       = {arXiv:2509.06948},
-            }"""),
-    }
+    _paper = BRIDGE_PAPER  # the card names the method actually run and its paper (`bridge_trl.card`)
 
     def __init__(self, model, reward_funcs=None, args: BridgeConfig | None = None, train_dataset=None,
-                 sft_dataset=None, peft_config=None, **kwargs):  # fmt: skip
+                 sft_dataset=None, peft_config=DEFAULT_ADAPTER, **kwargs):  # fmt: skip
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = BridgeConfig(f"{str(name).split('/')[-1] or 'model'}-BRIDGE")
         if not isinstance(args, BridgeConfig):
             raise TypeError(f"`args` must be a BridgeConfig, got {type(args).__name__}.")
-        validate_sft_dataset(sft_dataset)  # before any model is loaded
+        # Before any model is loaded: data and rewards per method, prompt formats, the adapter (`bridge_trl.checks`)
+        reward_funcs, sft_dataset, peft_config = check_inputs(reward_funcs, args, train_dataset, sft_dataset,
+                                                              peft_config)  # fmt: skip
         if kwargs.get("optimizers", (None, None))[0] is not None:
             raise ValueError("BridgeTrainer builds its own optimizers (θ, w, θ̂); do not pass `optimizers`.")
         if not isinstance(model, str) and is_peft_model(model):
@@ -119,8 +104,6 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 init_kwargs["device_map"] = None
             model = create_model_from_path(model, **init_kwargs)
-        if peft_config is None and args.method == "bridge":
-            peft_config = default_peft_config()
         # With the base trained, "adapter disabled" is no longer the initial policy: the KL reference is a frozen
         # copy of π(θ⁰, w⁰), taken before the (zero-initialised) adapter is attached. GRPOTrainer would reload
         # one from the model id instead, so it is built with β = 0 and given this copy afterwards.
@@ -148,13 +131,9 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
             self.shadow = ShadowWeights(base, [p for _, p in adapter], offload=args.shadow_offload == "cpu")
             self._log_shadow_size()
         # Under DeepSpeed, θ̂ is built from the engine's state once the engine exists (`_ensure_shadow`).
-        self.sft_dataset = tokenize_sft_dataset(
-            sft_dataset, self._tokenize_prompts, self._tokenizer, self.eos_token_ids, self.chat_template,
-            self.chat_template_kwargs, args.max_sft_length,
-        )  # fmt: skip
-        self.sft_stream = SFTStream(self.sft_dataset, args.seed, args.per_device_sft_batch_size,
-                                    args.gradient_accumulation_steps, self._tokenizer.pad_token_id)  # fmt: skip
+        self.sft_dataset, self.sft_stream = build_sft_stream(self, sft_dataset)  # None for 'rl'
         self._init_luffy()  # luffy: the traces of the RL prompts (`bridge_trl.luffy`)
+        self.add_callback(ColdStartSwitchCheck())  # the run's length is known once `train()` starts
         # The fused LM head is bound to GRPO's sampling temperature: SFT's NLL uses it at T = 1 only. CHORD scores
         # its SFT tokens (and φ) at the rollout temperature, as Trinity-RFT does, so it always uses it.
         self._fused_sft = self.temperature == 1.0 or args.method == "chord"
@@ -165,7 +144,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
         self.gain, self._shadow_buffer = GainMeter(), None  # cooperative gain; θ̂'s rollouts ('own')
         self.consumed = dict.fromkeys(("sft_samples", "sft_tokens", "rl_samples", "rl_tokens"), 0)
         logger.info("%s: θ %d tensors, w %d tensors, %d SFT examples", args.method, len(base), len(adapter),
-                    len(self.sft_dataset))  # fmt: skip
+                    len(self.sft_dataset or ()))  # fmt: skip
 
     def _set_reference_model(self, reference) -> None:
         if self.args.disable_dropout:
@@ -198,7 +177,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
             sft = self._weighted_backward(
                 lambda: sft_loss(model, batch, self._fused_sft, phi=self._chord_phi), plan.sft_weight, "sft"
             )
-        # The gain meter (shared rollouts) reads the per-token log-probs that both RL passes compute anyway.
+        # Shared rollouts: the gain meter and θ̂'s ratio read the per-token log-probs both RL passes compute anyway.
         measure = plan.shadow and self.args.shadow_rollouts == "shared"
         if plan.rl:
             with self.gain.capture(self, "joint") if measure else nullcontext():
@@ -216,7 +195,7 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
                 # ZeRO-1/2: the bare module, outside the engine's gradient hooks (`bridge_trl.zero`)
                 shadow_model = self.model if self._shadow_bypasses_engine else model
                 capture = self.gain.capture(self, "shadow") if measure else nullcontext()
-                with capture, shadow_importance_sampling(self, shadow_inputs):  # vLLM: θ̂'s own IS ratio
+                with capture, shadow_importance_sampling(self, shadow_inputs):  # θ̂'s ratio π(θ̂,w)/μ
                     compute = lambda: self.compute_loss(shadow_model, shadow_inputs)  # noqa: E731
                     shadow = self._weighted_backward(compute, 1.0, "shadow")
             if measure:
@@ -323,15 +302,12 @@ class BridgeTrainer(BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, Luf
     def _shadow_inputs(self, raw_inputs, inputs):
         """The batch L_RL(θ̂, w) is computed on (DESIGN.md §2), with θ̂ swapped in.
 
-        'shared': the joint step's rollouts, scored against θ̂'s own detached log-probs. 'own': rollouts sampled
-        from π(θ̂, w), generated, scored and buffered exactly like GRPO's own (a second generation per step).
+        'shared': the joint step's rollouts, scored against θ̂'s own detached log-probs, with θ̂'s ratio π(θ̂,w)/μ
+        (`bridge_trl.shadow_is`; μ from the joint pass's log-probs, captured by the gain meter). 'own': rollouts
+        sampled from π(θ̂, w), generated, scored and buffered exactly like GRPO's own (a second generation per step).
         """
         if self.args.shadow_rollouts == "shared":
-            shadow_inputs = {k: v for k, v in inputs.items() if k not in _SAMPLER_KEYS}
-            if self.use_vllm and self.vllm_importance_sampling_correction:  # μ for θ̂'s own ratio (vllm_sync)
-                sampling, joint = inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]
-                shadow_inputs["sampler_logps"] = torch.where(sampling.isnan(), joint, sampling)
-            return shadow_inputs
+            return shadow_batch(self, inputs, self.gain.logps.get("joint"))
         joint_buffer, self._buffered_inputs = self._buffered_inputs, self._shadow_buffer
         if self.use_vllm:  # push π(θ̂, w) now, and π(θ, w) again before the next joint generation
             self._last_loaded_step = -1

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from .logps import observe_logps
 from .shadow import gathered
 
 # Name fragments that vLLM does not know, removed as TRL's `_fix_param_name_to_vllm` removes them.
@@ -104,50 +102,3 @@ def install_vllm_sync(vllm_generation, model) -> None:
     pinned to 1.16.x, and `tests/test_vllm.py` runs the real `sync_weights` against it.
     """
     vllm_generation._iter_named_params = functools.partial(iter_policy_weights, model)
-
-
-def truncated_is_ratio(trainer, logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor):
-    """TRL 1.16's vLLM importance-sampling ratio π/μ (its `_generate_and_score_completions`), for any log-probs.
-
-    Same modes (`token_*`: per token, `sequence_*`: one ratio per sequence) and the same truncation or masking at
-    `vllm_importance_sampling_clip_{min,max}`. A token whose sampling log-prob is NaN contributes ratio 1.
-    """
-    diff = torch.nan_to_num((logps - sampling_logps) * mask, nan=0.0)
-    mode = trainer.vllm_importance_sampling_mode
-    if mode.startswith("sequence"):
-        diff = diff.sum(dim=-1, keepdim=True)
-    ratio = torch.exp(diff)
-    low, high = trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max
-    if mode.endswith("truncate"):
-        return torch.clamp(ratio, min=low, max=high)
-    low = -float("inf") if low is None else low
-    high = float("inf") if high is None else high
-    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
-
-
-@contextmanager
-def shadow_importance_sampling(trainer, inputs: dict) -> Iterator[None]:
-    """With vLLM's importance-sampling correction on, give θ̂'s loss (shared rollouts) its own ratio π(θ̂,w)/μ.
-
-    The rollouts were sampled by vLLM, μ = vLLM's π(θ, w). θ̂'s policy gradient (Eq. 10) is
-        ∇ J(θ̂, w) = E_{y∼π(θ̂,w)}[A ∇ log π(θ̂,w)(y)] = E_{y∼μ}[(π(θ̂,w)(y) / μ(y)) · A ∇ log π(θ̂,w)(y)].
-    The shadow's "old" log-probs are θ̂'s own detached ones, so GRPO's clipped ratio is 1 and its per-token loss
-    has gradient A ∇ log π(θ̂,w); the vLLM ratio that GRPO multiplies in must therefore be π(θ̂,w)/μ, truncated
-    (or masked) exactly as TRL truncates the joint pass's π(θ,w)/μ (TIS). It corrects both the engine mismatch
-    and the gap between θ̂ and θ, and equals the joint pass's ratio while θ̂ = θ. Reusing the joint ratio would
-    correct only the engine mismatch; dropping it crashes GRPO's `_compute_loss`, which reads the key whenever
-    the correction is on. π(θ̂,w) is the log-prob the shadow's own forward computes, so the ratio is written into
-    `inputs` right after that forward, before GRPO's loss reads it: no extra forward pass. Where vLLM gave no
-    log-prob (NaN), the trainer's π(θ, w) stands in for μ.
-    """
-    if "sampler_logps" not in inputs:  # no correction, or θ̂'s own rollouts (GRPO computed their ratio)
-        yield
-        return
-    sampling = inputs.pop("sampler_logps")
-
-    def scoring(logps):
-        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
-        inputs["importance_sampling_ratio"] = truncated_is_ratio(trainer, logps.detach(), sampling, mask)
-
-    with observe_logps(trainer, scoring):
-        yield

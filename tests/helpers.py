@@ -37,7 +37,8 @@ def make_trainer(tmp_path, model, tokenizer, rl_dataset, sft_dataset, peft_confi
         train_dataset=rl_dataset,
         sft_dataset=sft_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        # Omitted, BRIDGE attaches the paper's LoRA and a baseline none; None means "no adapter" (as in TRL).
+        **({} if peft_config is None else {"peft_config": peft_config}),
     )
 
 

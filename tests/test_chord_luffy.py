@@ -164,12 +164,11 @@ def traces(rl_dataset):
     )
 
 
-def test_luffy_without_matching_traces_is_rl(tmp_path, make_model, tokenizer, rl_dataset):
+def test_luffy_without_matching_traces_is_refused(tmp_path, make_model, tokenizer, rl_dataset):
+    """No RL prompt has a trace: an error before any step that says how many matched, not silent GRPO."""
     other = Dataset.from_dict({"prompt": ["q", "7*7="], "completion": ["another trace", "49"]})
-    luffy = train(tmp_path / "l", make_model, tokenizer, rl_dataset, other, method="luffy", max_steps=2)
-    rl = train(tmp_path / "r", make_model, tokenizer, rl_dataset, other, method="rl", max_steps=2)
-    assert_dicts_close(luffy.get_base_state_dict(), rl.get_base_state_dict(), atol=0, rtol=0)
-    assert [h["luffy/trace_group_fraction"] for h in luffy.state.log_history if "loss" in h] == [0.0, 0.0]
+    with pytest.raises(ValueError, match=r"0 of 32 RL prompts have an expert trace"):
+        train(tmp_path / "l", make_model, tokenizer, rl_dataset, other, method="luffy", max_steps=2)
 
 
 # The default (dapo: one token mean, std-scaled advantages) and the reference's training script: no std scaling,

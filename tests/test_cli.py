@@ -1,5 +1,7 @@
-"""`examples/train_bridge.py` end to end on a tiny local model and local data, and logging to wandb offline."""
+"""`bridge-trl train` (the console command; `examples/train_bridge.py` wraps it) end to end on a tiny local model and
+local data, and logging to wandb offline."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,9 +43,10 @@ def write_recipe(tmp_path: Path, method: str, **overrides) -> Path:
 
 def run_cli(recipe: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    command = shutil.which("bridge-trl", path=str(Path(sys.executable).parent))
+    assert command, "bridge-trl is not installed: run `pip install -e . --no-deps` in the venv"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples/train_bridge.py"), "--config", str(recipe)],
-        capture_output=True, text=True, env=env, timeout=600,
+        [command, "train", "--config", str(recipe)], capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -61,7 +64,14 @@ def test_recipe_runs_end_to_end(tmp_path, method):
     out = tmp_path / "out"
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     assert (out / "adapter" / "adapter_config.json").exists() == (method == "bridge")
-    assert "BRIDGE" in (out / "README.md").read_text()
+    if method == "bridge":  # the recipe's lora_r / lora_alpha reach the adapter
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"]) == (4, 4)
+    card = (out / "README.md").read_text()
+    assert ("trained with BRIDGE," if method == "bridge" else "trained with GRPO alone") in card
+    assert "`rl_tiny.jsonl` (local)" in card and ("`deepmath_tiny.jsonl` (local)" in card) == (
+        method == "bridge"
+    )
     # The trained policy (θ, plus w for BRIDGE) was scored on the benchmark: one verdict per problem.
     assert "math500" in (out / "eval" / "results.md").read_text().lower().replace(" ", "")
     assert (out / "eval" / "results.json").exists()
@@ -75,12 +85,8 @@ def test_reward_flip_prob_trains_on_a_noisy_reward(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    from trl import ModelConfig, TrlParser
-
-    from bridge_trl import BridgeConfig
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    from train_bridge import ScriptArguments
+    from bridge_trl.cli.parser import make_parser
+    from bridge_trl.cli.train import ScriptArguments
 
     recipes = sorted((ROOT / "configs/recipes").glob("*/*.yaml"))
     cpu_recipes = [
@@ -93,7 +99,7 @@ def test_shipped_recipes_parse():
     assert logic == sorted(f"logic_{m}" for m in ("bridge", "rl", "cold_start", "mix") for _ in range(3))
     assert sorted(r.stem for r in cpu_recipes) == ["bridge", "logic_bridge", "rl"]
     for recipe in recipes:
-        parser = TrlParser((ScriptArguments, BridgeConfig, ModelConfig))
+        parser = make_parser(ScriptArguments)
         script, training, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
         method = recipe.stem.removeprefix("logic_")
         assert training.method == method

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import bridge_trl.evals.generation as generation
+from bridge_trl.cli.eval import ood_main
 from bridge_trl.evals import evaluate as ev
 from bridge_trl.evals.code import (
     code_blocks,
@@ -281,7 +282,7 @@ def test_end_to_end_pass_at_k_over_code_science_and_maths(tmp_path, tiny_model_d
 
     monkeypatch.setattr(generation, "generate_hf", fake_generate)
     out = tmp_path / "out"
-    result = ev.main(["--model", str(tiny_model_dir), "--backend", "hf", "--benchmarks", "humaneval", "livecodebench",
+    result = ood_main(["--model", str(tiny_model_dir), "--backend", "hf", "--benchmarks", "humaneval", "livecodebench",
                       "gpqa_diamond", "aime24", "--source", f"livecodebench={LCB}", "--source", f"gpqa_diamond={GPQA}",
                       "--data_dir", str(tmp_path / "bench"), "--limit", "2", "--samples", "4", "--temperature", "0.8",
                       "--output_dir", str(out)])  # fmt: skip
@@ -303,7 +304,7 @@ def test_end_to_end_pass_at_k_over_code_science_and_maths(tmp_path, tiny_model_d
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
     # Rendering only, from the results file.
     again = tmp_path / "again"
-    ev.main(["--results", str(out / "results.json"), "--output_dir", str(again)])
+    ood_main(["--results", str(out / "results.json"), "--output_dir", str(again)])
     assert (again / "results.md").read_text() == md
 
 

@@ -222,3 +222,38 @@ def test_adapter_is_merged_before_generation(tmp_path, tiny_model_dir, tokenizer
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert tok.padding_side == "left"
     assert not hasattr(merged, "peft_config") or not merged.peft_config  # merged into a plain model
+
+
+# ---------------------------------------------------------------------------------------- `bridge-trl eval ...`
+def test_eval_subcommands_share_one_skeleton(tmp_path, bench_dir, tiny_model_dir, monkeypatch):
+    """`bridge-trl eval maths` is the maths kit's main; `eval ood` adds the maths benchmarks to code and science."""
+    from bridge_trl.cli import eval as cli_eval
+    from bridge_trl.evals import generation
+
+    def scripted(lm, tokenizer, texts, n, sampling, batch_size=16):
+        return [["\\boxed{33}" if "030 + 003" in t else "no"] * n for t in texts]
+
+    monkeypatch.setattr(ev, "generate_hf", scripted)  # the maths kit's own generation path
+    monkeypatch.setattr(generation, "generate_hf", scripted)  # the shared one (ood)
+    common = ["--model", str(tiny_model_dir), "--data_dir", str(bench_dir), "--benchmarks", "aime24", "--limit", "2",
+              "--backend", "hf"]  # fmt: skip
+    maths = cli_eval.main(["maths", *common, "--output_dir", str(tmp_path / "m")])
+    ood = cli_eval.main(["ood", *common, "--output_dir", str(tmp_path / "o")])
+    assert (
+        maths["scores"] == ood["scores"] == {"aime24": 50.0}
+    )  # 1 of 2 right, the same verdicts on both paths
+    for out in ("m", "o"):
+        assert "| AIME24 |" in (tmp_path / out / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        cli_eval.main(["physics"])
+
+
+def test_shared_evaluation_path_imports_no_kit():
+    """`bridge_trl.evals` is below the kits: importing it (and its command) loads neither maths nor logic."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bridge_trl.evals.evaluate, bridge_trl.evals.runner; "
+            "print([m for m in sys.modules if m.startswith(('bridge_trl.maths', 'bridge_trl.logic'))])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"  # (wandb, imported by transformers, may print a line first)

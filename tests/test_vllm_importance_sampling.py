@@ -115,6 +115,26 @@ def test_shadow_ratio_is_truncated_pi_shadow_over_mu(
     ).abs().max() > 1e-3
 
 
+def test_none_gives_the_shadow_the_joint_ratio(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
+    """`shadow_importance_sampling='none'` (the paper's estimator): at step 2 (θ̂ ≠ θ) θ̂'s loss carries exactly
+    what θ's does, the engine correction π(θ, w)/μ, and θ̂'s advantages are θ's."""
+    trainer = vllm_trainer(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset, max_steps=2,
+                           shadow_importance_sampling="none")  # fmt: skip
+    seen, original = [], trainer._compute_loss
+
+    def recording(model, inputs):
+        loss = original(model, inputs)
+        seen.append((trainer.state.global_step, dict(inputs)))
+        return loss
+
+    trainer._compute_loss = recording
+    trainer.train()
+    (_, joint), (_, shadow) = [(s, i) for s, i in seen if s == 1]
+    assert torch.equal(shadow["importance_sampling_ratio"], joint["importance_sampling_ratio"])
+    assert torch.equal(shadow["advantages"], joint["advantages"])
+    assert "old_per_token_logps" not in shadow and "sampling_per_token_logps" not in shadow
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sequence_mask", "token_mask", "sequence_truncate"])
 def test_other_modes_run(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset, mode):

@@ -37,11 +37,15 @@ def tiny_path(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def run_bridge(root, path, tokenizer, **overrides):
-    """2 steps; returns the trainer, its sync records, its state snapshots and every batch the losses saw."""
+def run_bridge(root, path, tokenizer, generations=None, **overrides):
+    """2 steps; returns the trainer, its sync records, its state snapshots and every batch the losses saw. With a
+    list `generations`, every generated batch is appended to it, in generation order."""
     rl, sft = rl_and_sft_datasets()
     trainer = make_trainer(root, path, tokenizer, rl, sft, peft_config=lora_config(), max_steps=2, optim="sgd",
                            learning_rate=0.05, **vllm_trainer_kwargs(), **overrides)  # fmt: skip
+    if generations is not None:
+        generate = trainer._generate_and_score_completions
+        trainer._generate_and_score_completions = lambda b: generations.append(generate(b)) or generations[-1]
     probes = [tokenizer(t)["input_ids"] for t in PROBE_TEXTS]
     syncs, states = SyncRecorder(trainer, probes), StateSnapshots(trainer)
     batches, compute_loss = [], trainer._compute_loss
@@ -111,8 +115,9 @@ def test_own_rollouts_come_from_each_policy_in_turn(tmp_path, tiny_path, tokeniz
 @pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
 def test_shadow_ratio_uses_vllm_sampling_logprobs(tmp_path, tiny_path, tokenizer, mode):
     """Shared rollouts, correction on: θ̂'s ratio is π(θ̂, w)/μ with μ the log-probs vLLM reported while sampling
-    (which are π(θ, w)'s), truncated (token_truncate) or masked (sequence_mask) at C_max = 1 so that the bound is
-    active on some tokens or sequences and not on others; finite everywhere."""
+    (which are π(θ, w)'s), per token (token_truncate) or per sequence (sequence_mask), truncated at C_max = 1 in
+    both (`shadow_importance_sampling='truncate'` truncates whatever TRL's mode does to θ's ratio) so that the bound
+    is active on some tokens or sequences and not on others; finite everywhere."""
     trainer, _, syncs, states, batches = run_bridge(
         tmp_path, tiny_path, tokenizer, vllm_importance_sampling_correction=True,
         vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=1.0,
@@ -140,7 +145,7 @@ def test_shadow_ratio_uses_vllm_sampling_logprobs(tmp_path, tiny_path, tokenizer
         on = mask.bool()
     else:
         raw = torch.exp(diff.sum(-1, keepdim=True))
-        expected = raw.masked_fill(raw > 1.0, 0.0)
+        expected = torch.clamp(raw, max=1.0)
         ratio = shadow["importance_sampling_ratio"].double()
         on = torch.ones_like(raw, dtype=torch.bool)
     assert torch.isfinite(ratio).all()
@@ -157,3 +162,54 @@ def test_shadow_ratio_uses_vllm_sampling_logprobs(tmp_path, tiny_path, tokenizer
         for h in trainer.state.log_history
         if "bridge/shadow_rl_loss" in h
     )
+
+
+def replay(generations):
+    """A `rollout_func` that returns, call by call, the completions (and log-probs) another run generated."""
+    calls = iter(generations)
+
+    def rollout_func(prompts, trainer):
+        out = next(calls)
+        prompt_ids, completion_ids, logprobs = [], [], []
+        for row, (prompt, completion, mask) in enumerate(rows(out)):
+            prompt_ids.append(prompt)
+            completion_ids.append(completion)
+            logprobs.append(out["sampling_per_token_logps"][row][mask].tolist())
+        assert [trainer.processing_class.decode(p) for p in prompt_ids] == list(prompts)  # the same prompts
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+    return rollout_func
+
+
+def test_hf_and_vllm_take_the_same_shadow_step(tmp_path, tiny_path, tokenizer):
+    """One rule on both backends: 2 steps with vLLM (correction on, per-token ratios truncated at C = 1), and 2
+    steps with HF generation replaying vLLM's completions, end at the same θ̂ (and θ, w), to the engine's float32
+    agreement. θ̂'s ratio is π(θ̂, w)/μ on both, μ being vLLM's reported log-probs there and the joint pass's
+    π(θ, w) here. The old HF rule (no ratio, `shadow_importance_sampling='none'`) ends ≥ 10× farther away."""
+    settings = dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=1.0)
+    generations = []
+    vllm_run, *_ = run_bridge(tmp_path / "vllm", tiny_path, tokenizer, generations=generations, **settings)
+    assert len(generations) == 2  # shared rollouts: one generation per step
+    rl, sft = rl_and_sft_datasets()
+    gaps = {}
+    for rule in ("truncate", "none"):
+        hf = make_trainer(tmp_path / rule, tiny_path, tokenizer, rl, sft, peft_config=lora_config(), max_steps=2,
+                          optim="sgd", learning_rate=0.05, use_cpu=not torch.cuda.is_available(),
+                          shadow_importance_sampling=rule, **settings)  # fmt: skip
+        hf.rollout_func = replay(generations)
+        hf.train()
+        gaps[rule] = [
+            max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+            for a, b in zip(
+                (hf.get_base_state_dict(), hf.get_shadow_state_dict(), hf.get_adapter_state_dict()),
+                (
+                    vllm_run.get_base_state_dict(),
+                    vllm_run.get_shadow_state_dict(),
+                    vllm_run.get_adapter_state_dict(),
+                ),
+                strict=True,
+            )
+        ]
+    tol = 10 * logprob_tolerance() * 0.05  # lr · (gradient change from a log-prob error of the engine's size)
+    assert max(gaps["truncate"]) < tol, gaps
+    assert gaps["none"][1] > 10 * max(gaps["truncate"][1], tol / 10), gaps

@@ -136,3 +136,52 @@ def evaluate_benchmarks(
         results["scores"][benchmark.name] = entry["accuracy"]
         results["benchmarks"][benchmark.name] = entry
     return results
+
+
+def run_cli(
+    parser,
+    argv: list[str] | None,
+    evaluate: Callable,
+    render: Callable[[list[dict]], tuple[str, dict, dict]],
+    check: Callable | None = None,
+) -> dict | None:
+    """The one `main()` of every evaluation command (maths, logic, code and science, and their combination).
+
+    Parses `argv`; `check(parser, args)` may reject flags (`parser.error`). With `--model`, `evaluate(args,
+    closers)` returns the results dict (it may append cleanup callables to `closers`, run even on error). The
+    rows of `--results` files and this run's go through `render(rows)` → (markdown, column titles, extra
+    `write_outputs` kwargs), written to `--output_dir` (default `eval_results/<name>`) and printed.
+    """
+    from pathlib import Path
+
+    from .generation import default_name
+    from .report import load_results, write_outputs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(argv)
+    if not args.model and not args.results:
+        parser.error("give --model (to evaluate) and/or --results (to render a table)")
+    if getattr(args, "samples", 1) < 1:
+        parser.error("--samples must be at least 1")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    if check is not None:
+        check(parser, args)
+    previous = load_results(args.results or [])
+    result, closers = None, []
+    try:
+        if args.model:
+            args.name = args.name or default_name(args)
+            result = evaluate(args, closers)
+    finally:
+        for close in closers:
+            close()
+    rows = previous + ([result] if result else [])
+    table, titles, write_kwargs = render(rows)
+    out_dir = (
+        Path(args.output_dir) if args.output_dir else (Path("eval_results") / args.name if result else None)
+    )
+    if out_dir is not None:
+        write_outputs(out_dir, result, table, rows, titles, **write_kwargs)
+    print(table)  # the command's product; the library itself logs
+    return result

@@ -1,4 +1,4 @@
-"""Evaluate a model on the Knights-and-Knaves evaluation split: `python -m bridge_trl.logic.evaluate --model M`.
+"""Evaluate a model on the Knights-and-Knaves evaluation split: `bridge-trl eval logic --model M`.
 
 Greedy accuracy (one sample; `--samples K --temperature T` gives avg@K and pass@k) per number of people (2-8)
 and overall (every puzzle counted once), scored by the training reward (`logic_reward`: every person's role
@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..evals.generation import add_generation_args, default_name
-from ..evals.report import load_results, render_pass_at_k, render_table, write_outputs
-from ..evals.runner import Benchmark, add_sampling_args, evaluate_benchmarks
+from ..evals.generation import add_generation_args
+from ..evals.report import render_pass_at_k, render_table
+from ..evals.runner import Benchmark, add_sampling_args, evaluate_benchmarks, run_cli
 from .data import DEFAULT_DATA_DIR, ensure_splits, load_split
 from .rewards import answer_block, completion_text, logic_reward, parse_roles
 
@@ -78,9 +78,7 @@ def add_overall(result: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bridge_trl.logic.evaluate", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="bridge-trl eval logic", description=__doc__.split("\n")[0])
     # 3072: the recipes' max_completion_length; the solver's 8-person traces take 790 tokens (median), 1,560 at most.
     add_generation_args(p, max_new_tokens=3072)
     add_sampling_args(p)
@@ -92,38 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.model and not args.results:
-        parser.error("give --model (to evaluate) and/or --results (to render a table)")
-    if args.samples < 1:
-        parser.error("--samples must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    previous = load_results(args.results or [])
-    result = None
-    if args.model:
-        args.name = args.name or default_name(args)
-        ensure_splits(args.data_dir)  # a folder of custom splits is used as is
-        data = load_split(args.data_dir, "eval", num_people=args.num_people, limit=args.limit)
-        keep = [c for c in data.column_names if c in PROBLEM_FIELDS]
-        problems = data.select_columns(keep).to_list()
-        sizes = sorted({p["num_people"] for p in problems})
-        benchmarks = [logic_benchmark(n, [p for p in problems if p["num_people"] == n]) for n in sizes]
-        result = evaluate_benchmarks(benchmarks, args)
-        add_overall(result)
-    rows = previous + ([result] if result else [])
+def evaluate(args: argparse.Namespace, closers: list | None = None) -> dict:
+    """The evaluation split through the shared path; the results dict, with `scores["overall"]`."""
+    ensure_splits(args.data_dir)  # a folder of custom splits is used as is
+    data = load_split(args.data_dir, "eval", num_people=args.num_people, limit=args.limit)
+    keep = [c for c in data.column_names if c in PROBLEM_FIELDS]
+    problems = data.select_columns(keep).to_list()
+    sizes = sorted({p["num_people"] for p in problems})
+    benchmarks = [logic_benchmark(n, [p for p in problems if p["num_people"] == n]) for n in sizes]
+    result = evaluate_benchmarks(benchmarks, args)
+    add_overall(result)
+    return result
+
+
+def render(rows: list[dict]) -> tuple[str, dict, dict]:
+    """results.md: one column per number of people present in any row, Overall, then pass@k."""
     sizes = {int(k[3:-3]) for r in rows for k in r["scores"] if k.startswith("kk_")}
     titles = titles_for(sizes)
     passk = render_pass_at_k(rows, titles)
     table = render_table(rows, titles, average_title=None) + ("\n" + passk if passk else "")
-    out_dir = args.output_dir or (f"eval_results/{args.name}" if result else None)
-    if out_dir is not None:
-        write_outputs(out_dir, result, table, rows, titles, average_title=None)
-    print(table)  # the CLI's product; the library itself logs
-    return result
+    return table, titles, {"average_title": None}
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """`bridge-trl eval logic` (`python -m bridge_trl.logic.evaluate`): the shared `run_cli` skeleton."""
+    return run_cli(build_parser(), argv, evaluate, render)
 
 
 if __name__ == "__main__":

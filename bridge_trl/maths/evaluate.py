@@ -1,4 +1,4 @@
-r"""Evaluate a model on the paper's five benchmarks: `python -m bridge_trl.maths.evaluate --model PATH_OR_ID`.
+r"""Evaluate a model on the paper's five benchmarks: `bridge-trl eval maths --model PATH_OR_ID`.
 
 MATH500, Minerva Math, OlympiadBench (English text-only maths), AIME24 and AMC23. Decoding is greedy
 pass@1 by default with the paper's token limit for 3B models (5,120 new tokens; use 8192 for 8B);
@@ -26,14 +26,14 @@ from typing import Any
 from ..evals.generation import (
     VLLMGenerator,
     add_generation_args,
-    default_name,
+    default_name,  # noqa: F401  (part of this module's API)
     generate_hf,
     load_model,
     pick_backend,
 )
 from ..evals.generation import stop_token_ids as _stop_token_ids  # noqa: F401  (kept under its old name)
-from ..evals.report import write_outputs
-from ..evals.runner import Benchmark, run_benchmark, sampling_for
+from ..evals.report import write_outputs  # noqa: F401  (part of this module's API)
+from ..evals.runner import Benchmark, run_benchmark, run_cli, sampling_for
 from .eval_report import BENCHMARK_TITLES, average, load_results, plot_results, render_table  # noqa: F401
 from .prompts import DEFAULT_TEMPLATE, PROMPT_TEMPLATES, format_prompt, get_template
 from .rewards import MathVerifier, last_boxed
@@ -217,9 +217,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bridge_trl.maths.evaluate", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="bridge-trl eval maths", description=__doc__.split("\n")[0])
     add_generation_args(p, max_new_tokens=5120)
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     p.add_argument("--data_dir", help="local copies laid out as <data_dir>/<benchmark>/test.jsonl")
@@ -237,30 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.model and not args.results:
-        parser.error("give --model (to evaluate) and/or --results (to render a table)")
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for item in (args.samples_per_benchmark or []) + (args.source or []):
         key, sep, value = item.partition("=")
         if key not in BENCHMARKS or not sep or not value:
             parser.error(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(BENCHMARKS)}")
-    previous = load_results(args.results or [])
-    result = None
-    if args.model:
-        args.name = args.name or default_name(args)
-        result = evaluate(args)
-    out_dir = (
-        Path(args.output_dir) if args.output_dir else (Path("eval_results") / args.name if result else None)
-    )
-    rows = previous + ([result] if result else [])
-    table = render_table(rows)
-    if out_dir is not None:
-        write_outputs(out_dir, result, table, rows, BENCHMARK_TITLES)
-    print(table)  # the CLI's product; the library itself logs
-    return result
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """`bridge-trl eval maths` (`python -m bridge_trl.maths.evaluate`): the shared `run_cli` skeleton."""
+    return run_cli(build_parser(), argv, lambda args, _closers: evaluate(args),
+                   lambda rows: (render_table(rows), BENCHMARK_TITLES, {}), _check)  # fmt: skip
 
 
 if __name__ == "__main__":
