@@ -108,7 +108,7 @@ def run_pytest(marker: str, junit: Path, timeout: float) -> dict:
                 node = case.find(kind)
                 if node is not None:
                     outcome = {"failure": "failed"}.get(kind, kind)
-                    detail = (node.get("message") or "")[:300]
+                    detail = " ".join((node.get("message") or "").split())[:300]  # one table row
                     break
             else:
                 detail = ""

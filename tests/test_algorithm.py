@@ -50,6 +50,23 @@ def reference_sft_gradients(make_model, tokenizer, theta0, w0, dataset):
     return g_theta, g_w
 
 
+def train_step0(trainer, make_model, tokenizer, sft_dataset, alpha, beta, lam) -> dict:
+    """Train the one step of `trainer` and return both sides of DESIGN.md §1's step-0 identity:
+    Δθ − λΔθ̂ against −α(1−λ)∇_θ L_SFT, and Δw against −β(1−λ)∇_w L_SFT, the gradients computed independently on a
+    fresh model (other random weights) overwritten with θ⁰ and w⁰, in float64 on the CPU."""
+    theta0, shadow0, w0 = snapshot(trainer)
+    assert_dicts_close(theta0, shadow0, atol=0, rtol=0)
+    trainer.train()
+    theta1, shadow1, w1 = snapshot(trainer)
+    g_theta, g_w = reference_sft_gradients(lambda: make_model(seed=123), tokenizer, theta0, w0, sft_dataset)
+    d_theta, d_shadow, d_w = diff(theta1, theta0), diff(shadow1, shadow0), diff(w1, w0)
+    assert max_abs(d_shadow) > 1e-4, "the RL gradient should move θ̂"
+    return {"theta_combination": {k: d_theta[k] - lam * d_shadow[k] for k in d_theta},
+            "theta_expected": {k: -alpha * (1 - lam) * g_theta[k] for k in d_theta},
+            "w_step": d_w, "w_expected": {k: -beta * (1 - lam) * g_w[k] for k in d_w},
+            "theta_step": d_theta, "shadow_step": d_shadow, "g_theta": g_theta, "theta1": theta1, "shadow1": shadow1}  # fmt: skip
+
+
 def test_step0_identity_with_sgd(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
     """Δθ − λΔθ̂ = −α(1−λ)∇_θ L_SFT and Δw = −β(1−λ)∇_w L_SFT at step 0, where θ̂ = θ."""
     alpha, beta, lam = 0.2, 0.07, 0.3
@@ -58,20 +75,11 @@ def test_step0_identity_with_sgd(tmp_path, make_model, tokenizer, rl_dataset, sf
         learning_rate=alpha, adapter_learning_rate=beta, bridge_lambda=lam,
         per_device_sft_batch_size=len(sft_dataset), **SGD,
     )  # fmt: skip
-    theta0, shadow0, w0 = snapshot(trainer)
-    assert_dicts_close(theta0, shadow0, atol=0, rtol=0)
     assert trainer.model.get_base_model().config.tie_word_embeddings
-    trainer.train()
-    theta1, shadow1, w1 = snapshot(trainer)
-
-    # Independent computation on a fresh model (other random weights), overwritten with θ⁰ and w⁰.
-    g_theta, g_w = reference_sft_gradients(lambda: make_model(seed=123), tokenizer, theta0, w0, sft_dataset)
-    d_theta, d_shadow, d_w = diff(theta1, theta0), diff(shadow1, shadow0), diff(w1, w0)
-    assert max_abs(d_shadow) > 1e-4, "the RL gradient should move θ̂"
-    combined = {k: d_theta[k] - lam * d_shadow[k] for k in d_theta}
-    expected = {k: -alpha * (1 - lam) * g_theta[k] for k in d_theta}
-    assert_dicts_close(combined, expected, atol=1e-6, rtol=1e-4)
-    assert_dicts_close(d_w, {k: -beta * (1 - lam) * g_w[k] for k in d_w}, atol=1e-6, rtol=1e-4)
+    step = train_step0(trainer, make_model, tokenizer, sft_dataset, alpha, beta, lam)
+    assert_dicts_close(step["theta_combination"], step["theta_expected"], atol=1e-6, rtol=1e-4)
+    assert_dicts_close(step["w_step"], step["w_expected"], atol=1e-6, rtol=1e-4)
+    theta1, shadow1 = step["theta1"], step["shadow1"]
     # Tied weights stay tied in θ and θ̂.
     assert torch.equal(theta1["lm_head.weight"], theta1["model.embed_tokens.weight"])
     assert torch.equal(shadow1["lm_head.weight"], shadow1["model.embed_tokens.weight"])

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from .helpers import assert_dicts_close, diff, make_trainer, max_abs, snapshot  # noqa: E402
-from .test_algorithm import SGD, lora, reference_sft_gradients  # noqa: E402
+from .test_algorithm import SGD, lora, train_step0  # noqa: E402
 from .test_distributed import launch  # noqa: E402
 from .test_persistence import completion_logps  # noqa: E402
 
@@ -52,19 +52,14 @@ def test_step0_identity_under_bf16_autocast(tmp_path, make_model, tokenizer, rl_
                            learning_rate=alpha, adapter_learning_rate=beta, bridge_lambda=lam, bf16=True,
                            per_device_sft_batch_size=len(sft_dataset), **SGD, **CUDA)  # fmt: skip
     assert trainer.accelerator.device.type == "cuda"
-    theta0, shadow0, w0 = snapshot(trainer)
-    trainer.train()
-    theta1, shadow1, w1 = snapshot(trainer)
-    g_theta, g_w = reference_sft_gradients(lambda: make_model(seed=123), tokenizer, theta0, w0, sft_dataset)
-    d_theta, d_shadow, d_w = diff(theta1, theta0), diff(shadow1, shadow0), diff(w1, w0)
-    assert max_abs(d_shadow) > 1e-4, "the RL gradient should move θ̂"
-    combined = {k: d_theta[k] - lam * d_shadow[k] for k in d_theta}
-    err_theta = relative_error(combined, {k: -alpha * (1 - lam) * g_theta[k] for k in d_theta})
-    err_w = relative_error(d_w, {k: -beta * (1 - lam) * g_w[k] for k in d_w})
+    step = train_step0(trainer, make_model, tokenizer, sft_dataset, alpha, beta, lam)
+    err_theta = relative_error(step["theta_combination"], step["theta_expected"])
+    err_w = relative_error(step["w_step"], step["w_expected"])
     assert err_theta < BF16_RTOL and err_w < BF16_RTOL, (err_theta, err_w)
     # The same formula with λ mistaken for 0.5 misses by far more than the bf16 bound: the check can fail.
+    d_theta, d_shadow = step["theta_step"], step["shadow_step"]
     wrong = {k: d_theta[k] - 0.5 * d_shadow[k] for k in d_theta}
-    assert relative_error(wrong, {k: -alpha * 0.5 * g_theta[k] for k in d_theta}) > 4 * BF16_RTOL
+    assert relative_error(wrong, {k: -alpha * 0.5 * step["g_theta"][k] for k in d_theta}) > 4 * BF16_RTOL
 
 
 def test_bridge_with_beta_zero_equals_mix(tmp_path, make_model, tokenizer, rl_dataset, sft_dataset):
