@@ -17,6 +17,11 @@ methods) see the same noise at the same (step, position).
 - evaluation stays clean: TRL's `log_metric` kwarg is the trainer's bound `_log_metric`; when that trainer's model
   is in eval mode (TRL's own train/eval test in `_generate_and_score_completions`), the wrapped function's rewards
   are returned untouched, draw nothing and log nothing.
+- expert traces stay clean: LUFFY (`bridge_trl.luffy`) puts expert traces into the rollout batch before it is
+  scored, and the trainer marks those rows (`_luffy_off`, this process's rows). They are expert data, as SFT's
+  traces are for mix, BRIDGE and CHORD, whose SFT loss never reads a reward: flipping their reward would corrupt
+  LUFFY's expert signal alone. Their rewards are returned untouched and are not counted as flippable; the uniforms
+  are still drawn for every position, so the policy's own rollouts see the same noise as any other method's.
 - the realised flip rate (flips / flippable rewards on this process and call) goes to `log_metric` as
   `rewards/<name>/flip_rate`, which TRL averages over processes and logging steps; `flips` and `flippable` keep the
   running totals for use outside a trainer.
@@ -100,12 +105,16 @@ class NoisyReward:
             return rewards  # evaluation: clean, and no draw, so the training stream does not move
         step, call = self._key(kwargs.get("trainer_state"))
         offset = _process_index(trainer) * len(rewards)  # TRL's process slices are equal: see the module doc
+        expert = getattr(trainer, "_luffy_off", None)  # LUFFY's expert-trace rows of this process: kept clean
+        expert = [False] * len(rewards) if expert is None else [bool(x) for x in expert]
+        if len(expert) != len(rewards):
+            raise ValueError(f"NoisyReward: {len(expert)} expert-trace marks for {len(rewards)} rewards.")
         # One uniform per global position of the batch, from a stream seeded by (seed, step, call): the slice
         # [offset, offset + n) is the same numbers however many processes share the batch.
         uniforms = np.random.default_rng([self.seed, step, call]).random(offset + len(rewards))[offset:]
         out, flips, flippable = [], 0, 0
-        for reward, u in zip(rewards, uniforms, strict=True):
-            level = self._level(reward)
+        for reward, u, is_trace in zip(rewards, uniforms, expert, strict=True):
+            level = None if is_trace else self._level(reward)
             if level is None:
                 out.append(reward)
                 continue

@@ -5,6 +5,8 @@
     python examples/reproduce_toy.py --check             # the calibration checks only (rl, sft, base band)
     python examples/reproduce_toy.py --sweep             # re-tune every method's lr on the validation split
     python examples/reproduce_toy.py --methods bridge rl --seeds 1 2 --max_steps 40
+    python examples/reproduce_toy.py --study plateau             # one of issue 18's studies (test seeds 101-110)
+    python examples/reproduce_toy.py --study plateau --replicate --reuse  # its final comparison again on 201-210
 
 Every method of DESIGN.md §3 trains from the calibrated tiny Qwen2 that ships with the package
 (bridge_trl/toy/shipped_base/, hash-checked; nothing is pretrained) on the same budget with the learning rates
@@ -34,7 +36,14 @@ from bridge_trl.toy.report import plot_curves, plot_dynamics, results_table, tun
 from bridge_trl.toy.robustness import flips, side_by_side
 from bridge_trl.toy.run import Cell, ToyRunSettings, single_thread_worker
 from bridge_trl.toy.run import run_cells as pool_run_cells
-from bridge_trl.toy.studies import STUDIES, StudyContext, run_study, write_overview
+from bridge_trl.toy.studies import STUDIES, StudyContext, replicate_study, run_study, write_overview
+from bridge_trl.toy.studies.common import (
+    CALIBRATION_SEEDS,
+    REPLICATION_SEEDS,
+    TEST_SEEDS,
+    TUNING_SEEDS,
+    check_disjoint,
+)
 from bridge_trl.toy.sweep import TUNED_PATH, load_tuned, run_sweep, tuned_lrs
 from bridge_trl.toy.task import toy_splits
 
@@ -55,8 +64,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--study", default=None, choices=[*STUDIES, "all"],
                    help="Run one of issue 18's studies (or all four, `make study`) into OUTPUT_DIR/<name>/: parts "
                         "(C1), noise (C2), lambda (C3), plateau (C4); bridge_trl/toy/STUDY.md reports them.")  # fmt: skip
+    p.add_argument("--replicate", action="store_true",
+                   help="With --study: run the study's final comparison (regime and tuned rates fixed, no re-tuning) "
+                        "on the test seeds and again on the fresh --replicate_seeds, into OUTPUT_DIR/<name>/"
+                        "replication.md; a verdict that differs between the two seed sets is marked not robust.")  # fmt: skip
+    p.add_argument("--replicate_seeds", nargs="+", type=int, default=None,
+                   help="The second seed set of --replicate (default: as many of 201-210 as there are test seeds).")  # fmt: skip
+    p.add_argument("--reuse", action="store_true",
+                   help="Studies: load a run's record from OUTPUT_DIR/<name>/runs/records when the same cell, "
+                        "settings and data already ran (e.g. the test seeds of --replicate after the study).")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="Default 1-5 (quick: 1; sweep: 1 2).")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="Default 1-5 (quick: 1; sweep: 1 2; studies: test seeds from 101, never a tuning seed).")  # fmt: skip
     p.add_argument("--split", default=None, choices=["val", "test"], help="Default test (sweep: val).")
     p.add_argument("--output_dir", default=None, help="Default runs/toy_figure1 (sweep: runs/toy_sweep).")
     p.add_argument(
@@ -94,10 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.check:
         args.methods = ["rl", "sft"]
-    one = [1, 2] if args.study else [1]  # a study's quick mode still pairs two seeds (its CIs need them)
-    # noise and lambda: 3 paired seeds, so that each fits 40 min on 2 cores (parts and plateau set their own)
-    full = [1, 2, 3] if args.study else [1, 2, 3, 4, 5]
-    args.seeds = args.seeds or (one if args.quick else [1, 2] if args.sweep else full)
+    if not args.study:  # a study's default seeds depend on the study (`study_seeds`)
+        args.seeds = args.seeds or ([1] if args.quick else [1, 2] if args.sweep else [1, 2, 3, 4, 5])
     args.split = args.split or ("val" if args.sweep else "test")
     args.output_dir = args.output_dir or (
         "runs/toy_sweep" if args.sweep else "runs/study" if args.study else "runs/toy_figure1"
@@ -275,25 +292,51 @@ def sweep(args, base_path, splits, settings, start) -> dict:
     return tuned
 
 
+def study_seeds(name: str, args) -> list[int]:
+    """A study's test seeds: --seeds, else fresh ones (from 101, disjoint from every tuning and calibration seed):
+    a quick mode pairs two (its CIs need them); noise and lambda 3, so that each fits 40 min on 2 cores; parts
+    starts its pilot at the first; plateau 10."""
+    if args.seeds:
+        return list(args.seeds)
+    if args.quick:
+        return list(TEST_SEEDS[:2])
+    return list(TEST_SEEDS if name == "plateau" else TEST_SEEDS[:3])
+
+
 def studies(args, base_path, splits, settings, start) -> dict:
-    """Issue 18's studies (`bridge_trl.toy.studies`), each into OUTPUT_DIR/<name>/; `all` also writes STUDY.md."""
+    """Issue 18's studies (`bridge_trl.toy.studies`), each into OUTPUT_DIR/<name>/; `all` also writes STUDY.md.
+    With --replicate, each study's final comparison on the test seeds and on the replication seeds instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    names = list(STUDIES) if args.study == "all" else [args.study]
+    tuned = load_tuned(args.tuned)
+    used = {*tuned.get("seeds", ()), *TUNING_SEEDS, *CALIBRATION_SEEDS}  # never a report seed
+    seeds = {name: study_seeds(name, args) for name in names}
+    again = {name: args.replicate_seeds or list(REPLICATION_SEEDS[: len(seeds[name])]) for name in names}
+    for name in names:  # refused before any run
+        check_disjoint(seeds[name], used)
+        if args.replicate:
+            check_disjoint(again[name], used)
+            check_disjoint(again[name], seeds[name], "test")
     model, tokenizer = (
         AutoModelForCausalLM.from_pretrained(base_path),
         AutoTokenizer.from_pretrained(base_path),
     )
     base_accuracy = {s: greedy_accuracy(model, tokenizer, splits[s]) for s in ("val", "test")}
-    names = list(STUDIES) if args.study == "all" else [args.study]
     results = {}
     for name in names:
         ctx = StudyContext(name=name, output_dir=os.path.join(args.output_dir, name), base_path=base_path,
-                           splits=splits, settings=settings, tuned=load_tuned(args.tuned), seeds=args.seeds,
-                           quick=args.quick, workers=args.workers, threads=args.threads)  # fmt: skip
+                           splits=splits, settings=settings, tuned=tuned, seeds=seeds[name], quick=args.quick,
+                           reuse=args.reuse, workers=args.workers, threads=args.threads)  # fmt: skip
+        if args.replicate:
+            results[name] = replicate_study(name, ctx, base_accuracy, again[name])
+            print(f"Study {name}: wrote {ctx.output_dir}/replication.md and replication.json in "
+                  f"{results[name]['wall_seconds']:.0f} s")  # fmt: skip
+            continue
         results[name] = run_study(name, ctx, base_accuracy)
         print(f"Study {name}: wrote {ctx.output_dir}/results.md, results.json and figures in "
               f"{results[name]['wall_seconds']:.0f} s")  # fmt: skip
-    if len(names) > 1:
+    if len(names) > 1 and not args.replicate:
         print(f"Wrote {write_overview(args.output_dir, names)} in {time.perf_counter() - start:.0f} s")
     return results
 

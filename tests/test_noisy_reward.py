@@ -1,23 +1,31 @@
 """NoisyReward: flip rate, determinism, independence from the process split, levels, None and other values, the
-argument checks, the name TRL logs under, async functions, and a BridgeTrainer run (noisy training reward logged,
-flip rate logged, clean evaluation)."""
+argument checks, the name TRL logs under, async functions, and BridgeTrainer runs: noisy training reward and flip
+rate logged, clean evaluation, the stream continued across a resume, two DDP processes flipping what one would, and
+LUFFY's expert traces left clean."""
 
 import asyncio
 import copy
 import functools
+import json
 import logging
 import math
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 from trl.trainer.utils import get_callable_name, is_async_callable
 
 from bridge_trl import BridgeTrainer, NoisyReward
 
-from .helpers import make_config
+from .helpers import free_port, make_config
 
 LOGGER = "bridge_trl.noisy_reward"
 
@@ -296,3 +304,111 @@ def test_bridge_trainer_logs_the_noisy_reward_and_the_flip_rate(
     assert [r for rewards in seen for r in rewards] == clean
     assert metrics["eval_rewards/parity_reward/mean"] == pytest.approx(sum(clean) / len(clean))
     assert not any("flip_rate" in key for key in metrics)
+
+
+# Issue 24: the resume and process-split claims through the real trainer, and LUFFY's expert traces kept clean.
+
+
+def recording(noisy, log):
+    """A reward function that calls `noisy` as the trainer does and records (step, flip mask) per call."""
+
+    def reward(*args, **kwargs):
+        clean, out = noisy.func(*args, **kwargs), noisy(*args, **kwargs)
+        log.append((kwargs["trainer_state"].global_step, flip_mask(clean, out)))
+        return out
+
+    reward.__name__ = noisy.__name__
+    return reward
+
+
+def test_resume_from_checkpoint_continues_the_noise_stream(
+    tmp_path, make_model, tokenizer, rl_dataset, sft_dataset
+):
+    """BRIDGE with θ̂'s own rollouts (two generations per step): stop at checkpoint-2 of 4 steps, resume with a
+    fresh NoisyReward, and the flips at steps 2-3 (both calls of each) are the uninterrupted run's."""
+    kw = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "shadow_rollouts": "own"}
+    full_log, resumed_log = [], []
+    full = BridgeTrainer(make_model(), recording(NoisyReward(parity_reward, 0.5, seed=4), full_log),
+                         args=make_config(tmp_path / "full", **kw), train_dataset=rl_dataset,
+                         sft_dataset=sft_dataset, processing_class=tokenizer)  # fmt: skip
+    parity_reward.calls = []
+    full.train()
+    assert [s for s, _ in full_log] == [0, 0, 1, 1, 2, 2, 3, 3]  # two generations per step
+    resumed = BridgeTrainer(make_model(seed=7), recording(NoisyReward(parity_reward, 0.5, seed=4), resumed_log),
+                            args=make_config(tmp_path / "resumed", **kw), train_dataset=rl_dataset,
+                            sft_dataset=sft_dataset, processing_class=tokenizer)  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    assert resumed_log == full_log[4:]
+    # Not trivially: the masks differ between steps and between the two calls of a step (a stream restarted at
+    # step 0, or one keyed on the step alone, would fail the equality above).
+    masks = [tuple(m) for _, m in full_log]
+    assert len(set(masks)) == len(masks) and any(any(m) for m in masks)
+
+
+def test_luffy_expert_traces_keep_their_clean_reward(tmp_path, make_model, tokenizer, rl_dataset):
+    """flip_prob = 1 flips every reward of the policy's own rollouts and none of the expert traces': the traces'
+    reward stays 1 (their answer is right), the rollouts' 0 (the random policy never writes it) reads 1."""
+    traces = Dataset.from_dict(
+        {"prompt": list(rl_dataset["prompt"]), "completion": [f"{a}." for a in rl_dataset["answer"]]}
+    )
+
+    def trace_reward(completions, answer, **kwargs):
+        return [float(c == f"{a}.") for c, a in zip(completions, answer, strict=True)]
+
+    noisy = NoisyReward(trace_reward, 1.0, seed=0)
+    trainer = BridgeTrainer(make_model(), noisy, args=make_config(tmp_path, method="luffy", max_steps=2,
+                                                                 optim="sgd", learning_rate=0.0),
+                            train_dataset=rl_dataset, sft_dataset=traces, processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["luffy/traces"] for h in logs] == [2, 2]  # 2 groups of G = 4 per step, one trace each
+    assert [h["luffy/trace_reward"] for h in logs] == [1.0, 1.0]  # was 0.0: the expert signal flipped
+    assert [h["reward"] for h in logs] == [1.0, 1.0]  # the rollouts' 0 flipped
+    assert [h["rewards/trace_reward/flip_rate"] for h in logs] == [1.0, 1.0]
+    assert (noisy.flips, noisy.flippable) == (12, 12)  # 6 rollouts per step; the 2 traces are not flippable
+
+
+def test_expert_marks_must_match_the_batch():
+    trainer = FakeTrainer()
+    trainer._luffy_off = [True, False]
+    with pytest.raises(ValueError, match="2 expert-trace marks for 3 rewards"):
+        call(NoisyReward(score_reward, 0.5), [0.0, 1.0, 0.0], SimpleNamespace(global_step=0), trainer)
+    trainer._luffy_off = [True, False, False]
+    out = call(NoisyReward(score_reward, 1.0), [0.0, 1.0, 0.0], SimpleNamespace(global_step=0), trainer)
+    assert out == [0.0, 0.0, 1.0]  # the marked row untouched
+
+
+@pytest.mark.slow  # two torch processes start and train 3 steps: ~20 s quiet
+@pytest.mark.distributed
+def test_two_processes_flip_what_one_process_flips(tmp_path):
+    """DDP over gloo, 2 processes, 3 steps of BRIDGE: each process's slice, put back in process order, is flipped
+    exactly as one NoisyReward flips the whole global batch at that step (the standalone draw)."""
+    script = Path(__file__).resolve().parent / "scripts" / "run_noisy_reward.py"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=600, cwd=script.parents[2]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"noise_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    calls = [r["calls"] for r in ranks]
+    assert len(calls[0]) == len(calls[1]) == 3
+    for step, (a, b) in enumerate(zip(*calls, strict=True)):
+        assert (a["step"], a["rank"], b["step"], b["rank"]) == (step, 0, step, 1)
+        assert len(a["clean"]) == len(b["clean"]) == 8  # 16 completions split in two
+        clean, noisy = a["clean"] + b["clean"], a["noisy"] + b["noisy"]
+        expected = call(NoisyReward(score_reward, 0.5, seed=5), clean, SimpleNamespace(global_step=step))
+        assert noisy == expected
+        # a draw that ignored the process index would give rank 1 rank 0's uniforms: the two masks differ here
+        assert flip_mask(a["clean"], a["noisy"]) != flip_mask(b["clean"], b["noisy"])
+    assert sum(r["flips"] for r in ranks) > 0 and sum(r["flippable"] for r in ranks) == 48

@@ -159,3 +159,180 @@ def test_every_study_quick_mode_writes_its_files(tmp_path):
     assert {r["method"] for r in plateau["runs"]} == {"bridge", "mix", "alternating", "rl", "sft", "cold_start",
                                                       "chord", "luffy"}  # fmt: skip
     assert os.path.exists(out / "STUDY.md") and "Study `plateau`" in (out / "STUDY.md").read_text()
+
+
+# Issue 24: fresh report seeds, verdicts gated on premises, replication on a second seed set, the parts count, C3's
+# power, and the run cache that lets a replication reuse the test seeds' runs.
+
+
+def test_report_seeds_are_disjoint_from_tuning_and_calibration_seeds(tmp_path):
+    from bridge_trl.toy.studies.common import (
+        CALIBRATION_SEEDS,
+        REPLICATION_SEEDS,
+        TEST_SEEDS,
+        TUNING_SEEDS,
+        check_disjoint,
+    )
+    from bridge_trl.toy.sweep import load_tuned
+
+    used = {*TUNING_SEEDS, *CALIBRATION_SEEDS, *load_tuned()["seeds"]}
+    assert not used & set(TEST_SEEDS) and not used & set(REPLICATION_SEEDS)
+    assert not set(TEST_SEEDS) & set(REPLICATION_SEEDS)
+    check_disjoint(TEST_SEEDS, used)
+    with pytest.raises(ValueError, match=r"Seeds \[1, 2\] are tuning or calibration seeds"):
+        check_disjoint([1, 2, 101], used)
+    script = _load_script()
+    for name, n in (("plateau", 10), ("noise", 3), ("lambda", 3), ("parts", 3)):
+        seeds = script.study_seeds(name, script.parse_args(["--study", name]))
+        assert len(seeds) == n and not used & set(seeds)
+    assert script.study_seeds("noise", script.parse_args(["--study", "noise", "--quick"])) == [101, 102]
+    with pytest.raises(ValueError, match="tuning or calibration seeds"):  # refused before any run
+        script.main(["--study", "noise", "--quick", "--seeds", "2", "3", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="are test seeds"):
+        script.main(["--study", "noise", "--quick", "--replicate", "--replicate_seeds", "101", "301", "--output_dir",
+                     str(tmp_path)])  # fmt: skip
+
+
+def _check(name, passed):
+    return {"name": name, "passed": passed, "text": f"{name} text"}
+
+
+def test_a_verdict_is_given_only_where_its_premises_hold():
+    from bridge_trl.toy.studies.common import claim_word, gated_verdict
+
+    text = "**C4 holds on the toy**: BRIDGE beats mix."
+    assert gated_verdict("C4", [_check("rl_gain", True), _check("sft_fast", True)], "test", text) == text
+    gated = gated_verdict("C4", [_check("rl_gain", True), _check("sft_plateau", False)], "test", text)
+    assert "No verdict on C4" in gated and "sft_plateau (sft_plateau text)" in gated and "test split" in gated
+    assert "rl_gain" not in gated and "holds" not in gated and "without a verdict" in gated
+    assert claim_word(True, True) == "holds" and claim_word(False) == "does not hold"
+    assert claim_word(True, False) == claim_word(False, False) == "no verdict (premises failed)"
+
+
+def test_plateau_final_comparison_reports_no_verdict_when_a_premise_fails_on_test():
+    """The gate on the plateau study's own records: SFT above RL-only and still gaining fails P3, so even a BRIDGE
+    that beats every peer gets no C4 verdict."""
+    from bridge_trl.toy.studies.common import gated_verdict
+    from bridge_trl.toy.studies.plateau import _checks
+
+    def rec(method, seed, early, mid, final):
+        return {"method": method, "seed": seed, "steps": 30, "final_accuracy": final,
+                "curve": [(0, 0, 0.2), (6, 0, early), (15, 0, mid), (30, 0, final)]}  # fmt: skip
+
+    rl = [rec("rl", s, 0.24, 0.27, 0.28 + 0.01 * s) for s in (1, 2, 3)]
+    sft = [rec("sft", s, 0.40, 0.34, 0.45 + 0.005 * s) for s in (1, 2, 3)]  # ahead of RL, rising at the end
+    checks = _checks(rl + sft, 0.2)
+    assert [c["name"] for c in checks] == ["rl_gain", "sft_fast", "sft_plateau"]
+    assert [c["passed"] for c in checks] == [True, True, False]
+    text = gated_verdict(
+        "C4", checks, "test", "**C4 holds on the toy**: BRIDGE beats mix (+6.8 [+4.8, +8.8])."
+    )
+    assert text.startswith("**No verdict on C4**") and "sft_plateau" in text and "+6.8" not in text
+
+
+def test_robustness_table_marks_verdicts_that_differ_between_seed_sets():
+    from bridge_trl.toy.stats import paired_difference
+    from bridge_trl.toy.studies.common import robustness_table
+
+    def diff(values):
+        return paired_difference(dict(enumerate(values)), dict.fromkeys(range(len(values)), 0.0))
+
+    first = {"bridge vs mix": diff([0.05, 0.06, 0.07]), "bridge vs rl": diff([0.2, 0.21, 0.19])}
+    second = {"bridge vs mix": diff([0.05, -0.06, 0.01]), "bridge vs rl": diff([0.18, 0.2, 0.22])}
+    rows = robustness_table(first, second).splitlines()[2:]
+    assert rows[0].startswith("| bridge vs mix |") and "beats" in rows[0] and "ties with" in rows[0]
+    assert rows[0].endswith("**not robust** |")
+    assert rows[1].startswith("| bridge vs rl |") and rows[1].endswith("| robust |")
+
+
+def test_parts_gain_count_excludes_the_beta_zero_arms():
+    from bridge_trl.toy.studies.parts import gain_outside
+
+    def rec(arm, gains):
+        return {"arm": arm, "method": "bridge", "cooperative_gain_curve": list(enumerate(gains))}
+
+    records = [rec("bridge@0.0001", [0.1, 2.0, -0.5]), rec("bridge@0.0003", [-3.0, 0.2]),
+               rec("bridge_beta0@0.0001", [5.0, 7.0, 0.0, 0.0]), {"arm": "mix@0.0001", "method": "mix"}]  # fmt: skip
+    assert gain_outside(records, [1e-4, 3e-4]) == (2, 5)  # not (4, 9), which `method == "bridge"` counted
+    assert gain_outside(records, [1e-4]) == (1, 3)
+
+
+def test_lambda_reads_wide_ties_as_a_lack_of_power():
+    from bridge_trl.toy.stats import paired_difference, verdict
+    from bridge_trl.toy.studies.lam import robustness_reading
+
+    def diff(values):
+        d = paired_difference(dict(enumerate(values)), dict.fromkeys(range(len(values)), 0.0))
+        return {**d, "verdict": verdict(d)}
+
+    # 3 seeds, SD 0.1: half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.303 * 0.0577 = 0.248 -> a tie that admits -24.8
+    wide = diff([0.1, 0.0, -0.1])
+    assert wide["ci"] == pytest.approx(4.3027 * 0.1 / math.sqrt(3), abs=1e-3)
+    claim, text = robustness_reading([wide, diff([0.0, 0.01, -0.01])])
+    assert claim == "not shown" and "lack of power" in text and "24.8" in text
+    claim, text = robustness_reading(
+        [diff([0.01, 0.0, -0.01]), diff([0.0, 0.01, -0.01])]
+    )  # within ±2.5 points
+    assert claim == "holds"
+    assert robustness_reading([diff([-0.10, -0.11, -0.12]), wide])[0] == "does not hold"
+
+
+def test_run_cells_reuses_a_finished_record_only_for_the_same_cell_and_data(tmp_path):
+    from bridge_trl.toy.run import Cell, cell_key, data_fingerprint, run_cells
+
+    splits = {k: v.select(range(4)) for k, v in toy_splits().items() if k in ("rl", "sft", "test")}
+    cell = Cell("mix", 101, {"learning_rate": 1e-4}, ToyRunSettings(), "mix@x")
+    fp = data_fingerprint(splits, "test")
+    key = cell_key(cell, fp, "test")
+    assert key.startswith("mix@x-seed101-") and key == cell_key(cell, fp, "test")
+    assert key != cell_key(Cell("mix", 101, {"learning_rate": 3e-4}, ToyRunSettings(), "mix@x"), fp, "test")
+    assert key != cell_key(Cell("mix", 101, {"learning_rate": 1e-4}, ToyRunSettings(max_steps=3), "mix@x"), fp,
+                           "test")  # fmt: skip
+    slipped = {**splits, "sft": slip_traces(splits["sft"], 1.0, direction="up")[0]}
+    assert (
+        data_fingerprint(slipped, "test") != fp
+        and cell_key(cell, data_fingerprint(slipped, "test"), "test") != key
+    )
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / key).write_text(json.dumps({"arm": "mix@x", "seed": 101, "final_accuracy": 0.5}))
+    # reused without training: the base path does not exist, so a run would fail
+    assert run_cells([cell], str(tmp_path / "no-base"), splits, "test", str(tmp_path), reuse=True) == [
+        {"arm": "mix@x", "seed": 101, "final_accuracy": 0.5}]  # fmt: skip
+
+
+@pytest.mark.slow  # 16 one-step runs in spawned workers: ~40 s quiet, minutes on a loaded machine
+def test_lambda_replicate_quick_mode_compares_two_seed_sets(tmp_path):
+    """`--study lambda --replicate --quick` (1 step, 8 sums): the study on test seeds 101-102 and on 201-202, and a
+    replication.md that compares every verdict across the two."""
+    out = tmp_path / "study"
+    result = _load_script().main(["--study", "lambda", "--replicate", "--quick", "--max_steps", "1", "--eval_every",
+                                  "1", "--eval_limit", "8", "--output_dir", str(out)])["lambda"]  # fmt: skip
+    data = json.loads((out / "lambda" / "replication.json").read_text())
+    assert data["test"]["seeds"] == [101, 102] and data["replication"]["seeds"] == [201, 202]
+    assert data["robust"] == (data["test"]["claim"] == data["replication"]["claim"]) == result["robust"]
+    assert (
+        set(data["test"]["verdicts"])
+        == set(data["replication"]["verdicts"])
+        >= {"bridge@const0.5 vs mix@const0.5"}
+    )
+    text = (out / "lambda" / "replication.md").read_text()
+    assert "| comparison | test seeds | replication seeds | across the two |" in text
+    runs = json.loads((out / "lambda" / "replicate" / "results.json").read_text())["runs"]
+    assert {r["seed"] for r in runs} == {201, 202}
+
+
+@pytest.mark.slow
+def test_plateau_replicate_quick_mode(tmp_path):
+    """`--study plateau --replicate --quick`: the committed regime's final comparison on 101-102 and 201-202, no
+    tuning or calibration run, C4's verdict gated on the test premises in both."""
+    out = tmp_path / "study"
+    _load_script().main(["--study", "plateau", "--replicate", "--quick", "--max_steps", "1", "--eval_every", "1",
+                         "--eval_limit", "8", "--output_dir", str(out)])  # fmt: skip
+    data = json.loads((out / "plateau" / "replication.json").read_text())
+    assert data["regime"]["share"] == 0.6 and "committed" in data["regime_source"]
+    for part, seeds in (("test", [101, 102]), ("replication", [201, 202])):
+        assert data[part]["seeds"] == seeds and {r["seed"] for r in data[part]["runs"]} == set(seeds)
+        assert data[part]["premises_hold"] == all(c["passed"] for c in data[part]["test_checks"])
+        assert ("No verdict" in data[part]["verdict_text"]) == (not data[part]["premises_hold"])
+    assert data[part]["lrs"]["cold_start"] == {"learning_rate": 3e-5, "sft_learning_rate": 9e-5}
+    assert "across the two seed sets" in (out / "plateau" / "replication.md").read_text()

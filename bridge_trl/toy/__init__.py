@@ -7,6 +7,7 @@
 - `sweep`: learning-rate grids, edge detection and extension, the committed `tuned.json`.
 - `calibration`: the §1 premise checks on the baselines (RL gains, SFT is fast, the base is in its band).
 - `report`: `results.md`, `results.json` and the figures.
+- `studies`: issue 18's four studies of the later paper's claims, on fresh test seeds, with `--replicate`.
 """
 
 from .task import arithmetic_datasets, arithmetic_problem, boxed_exact_match, pretraining_corpus, toy_splits

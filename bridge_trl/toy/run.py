@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -193,6 +195,9 @@ def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, out
         # Constant lr: a decay would hand cold start's RL phase a smaller lr than RL-zero gets.
         lr_scheduler_type="constant", bridge_lambda=settings.bridge_lambda,
         lambda_schedule=settings.lambda_schedule, lambda_start=settings.lambda_start, lambda_warmup_ratio=1.0,
+        # θ̂ on θ's rollouts without an importance ratio (the paper's estimator): the rule every committed toy number
+        # (tuned.json, the demo, the studies) was measured under; the library's default is 'truncate' (README).
+        shadow_importance_sampling="none",
         cold_start_sft_ratio=settings.cold_start_sft_ratio, chord_mu_peak=settings.chord_mu_peak,
         chord_mu_valley=settings.chord_mu_valley, chord_mu_warmup_steps=0, chord_mu_decay_steps=settings.max_steps,
         chord_phi=settings.chord_phi, luffy_num_off_policy=settings.luffy_num_off_policy,
@@ -297,25 +302,64 @@ class Cell:
     arm: str | None = None
 
 
+def data_fingerprint(splits: dict, split: str) -> str:
+    """A short hash of what a run reads besides its cell: the RL prompts, the SFT traces (a study may slip them)
+    and the evaluation split, so that a cached record is reused only for the same data."""
+    h = hashlib.sha256()
+    for name in ("rl", "sft", split):
+        data = splits[name]
+        for column in sorted(data.column_names):
+            h.update(f"{name}/{column}".encode())
+            h.update(json.dumps(data[column], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def cell_key(cell: Cell, fingerprint: str, split: str) -> str:
+    """File name of a cell's cached record: arm, seed and a hash of everything that determines the run."""
+    what = {"method": cell.method, "seed": cell.seed, "lrs": cell.lrs, "settings": asdict(cell.settings),
+            "split": split, "data": fingerprint}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{cell.arm or cell.method}-seed{cell.seed}-{digest}.json"
+
+
 def run_cells(cells: list[Cell], base_path: str, splits: dict, split: str, runs_dir: str, workers: int = 2,
-              threads: int = 1, desc: str = "Runs") -> list[dict]:  # fmt: skip
+              threads: int = 1, desc: str = "Runs", reuse: bool = False) -> list[dict]:  # fmt: skip
     """Train every cell in `workers` processes: one progress bar, one line per finished run; records in cell
-    order."""
+    order. Each finished record is written at once to `runs_dir/records/` (a long study killed half-way keeps its
+    finished runs); `reuse=True` loads a cell's record from there instead of training it again, when one exists
+    for the same cell, settings and data (`cell_key`)."""
     records = {}
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=single_thread_worker,
-                             initargs=(threads,)) as pool:  # fmt: skip
-        futures = {pool.submit(run_method, c.method, c.seed, c.lrs, base_path, splits, c.settings, runs_dir, split,
-                               c.arm): i for i, c in enumerate(cells)}  # fmt: skip
-        bar = tqdm(total=len(futures), desc=desc)
-        for future in as_completed(futures):
-            r = future.result()
-            records[futures[future]] = r
-            luffy = r.get("luffy_trace_group_fraction")
-            bar.write(f"{r['arm']:<14} seed {r['seed']} lr {r['learning_rate']:g}: {split} accuracy "
-                      f"{100 * r['curve'][0][2]:.1f}% → {100 * r['final_accuracy']:.1f}%, "
-                      f"{r['seconds_per_step']:.3f} s/step"
-                      + (f", luffy trace groups {luffy:.2f}" if luffy is not None else ""))  # fmt: skip
-            bar.update()
-        bar.close()
-    return [records[i] for i in range(len(cells))]
+    cache = os.path.join(runs_dir, "records")
+    os.makedirs(cache, exist_ok=True)
+    fingerprint = data_fingerprint(splits, split)
+    paths = [os.path.join(cache, cell_key(c, fingerprint, split)) for c in cells]
+    todo = []
+    for i, path in enumerate(paths):
+        if reuse and os.path.exists(path):
+            with open(path) as f:
+                records[i] = json.load(f)
+        else:
+            todo.append(i)
+    if todo:
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=single_thread_worker,
+                                 initargs=(threads,)) as pool:  # fmt: skip
+            futures = {pool.submit(run_method, cells[i].method, cells[i].seed, cells[i].lrs, base_path, splits,
+                                   cells[i].settings, runs_dir, split, cells[i].arm): i for i in todo}  # fmt: skip
+            bar = tqdm(total=len(futures), desc=desc)
+            for future in as_completed(futures):
+                r = future.result()
+                i = futures[future]
+                records[i] = r
+                with open(paths[i] + ".tmp", "w") as f:
+                    json.dump(r, f)
+                os.replace(paths[i] + ".tmp", paths[i])
+                luffy = r.get("luffy_trace_group_fraction")
+                bar.write(f"{r['arm']:<14} seed {r['seed']} lr {r['learning_rate']:g}: {split} accuracy "
+                          f"{100 * r['curve'][0][2]:.1f}% → {100 * r['final_accuracy']:.1f}%, "
+                          f"{r['seconds_per_step']:.3f} s/step"
+                          + (f", luffy trace groups {luffy:.2f}" if luffy is not None else ""))  # fmt: skip
+                bar.update()
+            bar.close()
+    # JSON turns tuples into lists: a reused record reads like a fresh one after the same round trip
+    return [json.loads(json.dumps(records[i])) for i in range(len(cells))]

@@ -6,14 +6,18 @@
 - `plateau` (C4): a regime of imperfect traces where SFT plateaus below RL, calibrated on the baselines alone.
 
 Each writes `<output_dir>/<name>/results.{json,md}` and its figures; `write_overview` joins the four reports.
+`replicate_study` runs a study's final comparison on its test seeds and on a second, fresh seed set, and marks every
+verdict that differs between the two "not robust" (`<output_dir>/<name>/replication.{json,md}`).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import replace
 
 from . import lam, noise, parts, plateau
-from .common import StudyContext
+from .common import StudyContext, robustness_table, write_results
 
 STUDIES = {"parts": parts, "noise": noise, "lambda": lam, "plateau": plateau}
 
@@ -25,6 +29,33 @@ def run_study(name: str, ctx: StudyContext, base_accuracy: dict) -> dict:
     if name == "plateau":
         return plateau.run(ctx, base_accuracy)
     return STUDIES[name].run(ctx)
+
+
+def replicate_study(name: str, ctx: StudyContext, base_accuracy: dict, replication_seeds) -> dict:
+    """The study's final comparison on `ctx.seeds` and on `replication_seeds`, rates (and, for plateau, the regime)
+    fixed: parts, noise and lambda tune nothing themselves (their rates are `tuned.json`'s), so they are run whole
+    on each seed set (with `ctx.reuse`, the test seeds' finished runs are loaded); plateau runs its final
+    comparison only (`plateau.replicate`)."""
+    if name == "plateau":
+        return plateau.replicate(ctx, base_accuracy, replication_seeds)
+    started = time.perf_counter()
+    first = run_study(name, ctx, base_accuracy)
+    second_ctx = replace(ctx, output_dir=os.path.join(ctx.output_dir, "replicate"), seeds=list(replication_seeds),
+                         phases={})  # fmt: skip
+    second = run_study(name, second_ctx, base_accuracy)
+    robust = first["claim"] == second["claim"]
+    sections = [
+        "## Verdicts on the two seed sets\n\n" + robustness_table(first["verdicts"], second["verdicts"])
+        + f"\n\n**The study's verdict is {'robust' if robust else 'not robust'} across the two seed sets** "
+        f"(test seeds {first['seeds']}: {first['claim']}; replication seeds {second['seeds']}: {second['claim']}). "
+        f"Each set's full report: `results.md` and `replicate/results.md`.",
+    ]  # fmt: skip
+    return write_results(replace(ctx, phases={"test seeds": first["wall_seconds"],
+                                              "replication seeds": second["wall_seconds"]}),
+                         f"Study `{name}`, replicated on a second seed set", sections,
+                         {"robust": robust, "test": {k: first[k] for k in ("seeds", "claim", "verdicts")},
+                          "replication": {k: second[k] for k in ("seeds", "claim", "verdicts")}},
+                         started, stem="replication")  # fmt: skip
 
 
 def write_overview(output_dir: str, names: list[str]) -> str:
@@ -41,4 +72,4 @@ def write_overview(output_dir: str, names: list[str]) -> str:
     return out
 
 
-__all__ = ["STUDIES", "StudyContext", "run_study", "write_overview"]
+__all__ = ["STUDIES", "StudyContext", "replicate_study", "run_study", "write_overview"]

@@ -20,6 +20,61 @@ from ..run import Cell, ToyRunSettings, run_cells
 from ..stats import mean_ci, paired_difference, verdict
 from ..sweep import tuned_lrs
 
+# Seed sets (issue 24). A seed fixes a run's data order and sampling on whatever split it runs, so a test seed that
+# was also a tuning seed reports the very trajectories the rates were picked on. Tuning (`tuned.json`, the plateau
+# study's re-tuning) uses seeds 1-2 on validation, calibration (the plateau premises) 1-5; the reported test runs
+# use 101-110, and `--replicate` re-runs a study's final comparison on 201-210. Quick modes use the same sets.
+TUNING_SEEDS = (1, 2)
+CALIBRATION_SEEDS = (1, 2, 3, 4, 5)
+TEST_SEEDS = tuple(range(101, 111))
+REPLICATION_SEEDS = tuple(range(201, 211))
+
+
+def check_disjoint(seeds, used, what: str = "tuning or calibration") -> None:
+    """Refuse report seeds that were used to tune or calibrate: a test seed must be fresh."""
+    overlap = sorted(set(seeds) & set(used))
+    if overlap:
+        raise ValueError(f"Seeds {overlap} are {what} seeds; report seeds must be disjoint from them "
+                         f"(defaults: test {TEST_SEEDS[0]}-{TEST_SEEDS[-1]}, replication "
+                         f"{REPLICATION_SEEDS[0]}-{REPLICATION_SEEDS[-1]}).")  # fmt: skip
+
+
+def gated_verdict(claim: str, checks: list[dict], split: str, verdict_text: str) -> str:
+    """`verdict_text` only when every premise in `checks` passed on `split`; otherwise which failed, and that the
+    comparison is reported without a verdict (a claim about a regime says nothing where the regime is absent)."""
+    failed = [c for c in checks if not c["passed"]]
+    if not failed:
+        return verdict_text
+    names = ", ".join(f"{c['name']} ({c['text']})" for c in failed)
+    return (f"**No verdict on {claim}**: its premise{'s' if len(failed) > 1 else ''} failed on the {split} split: "
+            f"{names}. The comparison above is reported without a verdict.")  # fmt: skip
+
+
+def claim_word(holds: bool, premises_hold: bool = True) -> str:
+    """A study's verdict on its claim in words: what `--replicate` compares between the two seed sets."""
+    if not premises_hold:
+        return "no verdict (premises failed)"
+    return "holds" if holds else "does not hold"
+
+
+def robustness_table(first: dict, second: dict, names=("test seeds", "replication seeds")) -> str:
+    """Each comparison's difference and verdict on both seed sets; 'not robust' where the verdicts differ."""
+    lines = [f"| comparison | {names[0]} | {names[1]} | across the two |", "|---|---|---|---|"]
+    for key in first:
+        a, b = first[key], second.get(key)
+        if b is None:
+            continue
+        va, vb = verdict(a), verdict(b)
+        lines.append(
+            f"| {key} | {pts(a)} {va} | {pts(b)} {vb} | {'robust' if va == vb else '**not robust**'} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict_map(diffs: list[dict]) -> dict:
+    """{"a vs b": difference} of a list of `compare` results: what `robustness_table` reads."""
+    return {f"{d['a']} vs {d['b']}": d for d in diffs}
+
 
 @dataclass
 class StudyContext:
@@ -33,6 +88,9 @@ class StudyContext:
     tuned: dict  # the committed tuning record (`bridge_trl/toy/tuned.json`)
     seeds: list[int]  # paired seeds of the report
     quick: bool = False
+    reuse: bool = (
+        False  # load finished runs' records from `runs/records` (`run_cells`) instead of re-training
+    )
     workers: int = 2
     threads: int = 1
     phases: dict = field(default_factory=dict)  # wall seconds per phase
@@ -46,7 +104,7 @@ class StudyContext:
         start = time.perf_counter()
         records = run_cells(cells, self.base_path, splits or self.splits, split,
                             os.path.join(self.output_dir, "runs"), self.workers, self.threads,
-                            desc=f"{self.name}: {phase}")  # fmt: skip
+                            desc=f"{self.name}: {phase}", reuse=self.reuse)  # fmt: skip
         self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
         return records
 
@@ -137,8 +195,10 @@ def machine() -> str:
             f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")  # fmt: skip
 
 
-def write_results(ctx: StudyContext, title: str, sections: list[str], data: dict, started: float) -> dict:
-    """`results.md` (title, protocol line, sections, wall times) and `results.json` (data, runs, wall times)."""
+def write_results(
+    ctx: StudyContext, title: str, sections: list[str], data: dict, started: float, stem: str = "results"
+) -> dict:
+    """`<stem>.md` (title, protocol line, sections, wall times) and `<stem>.json` (data, runs, wall times)."""
     wall = time.perf_counter() - started
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in ctx.phases.items())
     header = (f"# {title}\n\n{'**Quick mode: a smoke test of the pipeline, not a result.**' if ctx.quick else ''}\n\n"
@@ -147,11 +207,11 @@ def write_results(ctx: StudyContext, title: str, sections: list[str], data: dict
               f"{ctx.settings.rollouts_per_prompt} rollouts and/or {ctx.settings.sft_batch_size} SFT examples. "
               f"Wall time {wall:.0f} s ({wall / 60:.1f} min; {phases}).\n")  # fmt: skip
     os.makedirs(ctx.output_dir, exist_ok=True)
-    with open(os.path.join(ctx.output_dir, "results.md"), "w") as f:
+    with open(os.path.join(ctx.output_dir, f"{stem}.md"), "w") as f:
         f.write(header + "\n" + "\n\n".join(sections) + "\n")
     out = {"study": ctx.name, "quick": ctx.quick, "machine": machine(), "wall_seconds": wall, "phases": ctx.phases,
            "seeds": ctx.seeds, **data}  # fmt: skip
-    with open(os.path.join(ctx.output_dir, "results.json"), "w") as f:
+    with open(os.path.join(ctx.output_dir, f"{stem}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out
 

@@ -4,7 +4,9 @@ Each RL-using method (rl, bridge, mix, alternating, cold_start, chord, luffy) tr
 (1 − r) with probability p ∈ {0.1, 0.2, 0.4} (`NoisyReward`, seeded by the run's seed: paired seeds see the same
 noise at the same step and batch position), and clean (p = 0), at its *clean* validation-tuned rates: one rule for
 all methods, no re-tuning under noise. SFT-only never reads the reward; it runs clean as a reference. Evaluation is
-always clean (greedy exact match on the test split). Reported: final accuracy per (method, p); each method's drop
+always clean (greedy exact match on the test split), and so are LUFFY's expert traces in its rollout groups: they are
+expert data, as the SFT traces of mix, BRIDGE and CHORD are, whose SFT loss reads no reward (`NoisyReward` leaves the
+rows LUFFY marks as traces unflipped; the first run, 2 December 2026, flipped them, issue 24). Reported: final accuracy per (method, p); each method's drop
 from clean (paired); BRIDGE − each method at each p; and BRIDGE's drop against RL-only's drop (paired
 difference-in-differences). The paper's C2: at p = 0.2, BRIDGE 32.9 vs RL-zero 13.9 (Qwen2.5-3B).
 """
@@ -17,7 +19,7 @@ from dataclasses import replace
 
 from ..run import Cell
 from ..stats import mean_ci, paired_difference, verdict
-from .common import StudyContext, acc, compare, comparison_rows, finals, pts
+from .common import StudyContext, acc, claim_word, compare, comparison_rows, finals, pts, verdict_map
 from .common import write_results as write
 
 METHODS = ("rl", "bridge", "mix", "alternating", "cold_start", "chord", "luffy")
@@ -80,7 +82,9 @@ def run(ctx: StudyContext) -> dict:
     ]  # fmt: skip
     return write(ctx, "Study `noise` (C2): BRIDGE under a flipped reward", sections,
                  {"levels": levels, "methods": methods, "drops": drops, "bridge_vs": vs, "did": did,
-                  "flip_rates": flip, "c2_holds": c2["verdict"] == "beats", "runs": records}, started)  # fmt: skip
+                  "flip_rates": flip, "c2_holds": c2["verdict"] == "beats", "claim": claim_word(c2["verdict"] == "beats"),
+                  "verdicts": {**verdict_map(drops), **verdict_map(vs),
+                               **{f"did at p={d['p']:g}": d for d in did}}, "runs": records}, started)  # fmt: skip
 
 
 def _plot(path, records, methods, levels):
