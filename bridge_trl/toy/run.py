@@ -195,9 +195,11 @@ def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, out
         # Constant lr: a decay would hand cold start's RL phase a smaller lr than RL-zero gets.
         lr_scheduler_type="constant", bridge_lambda=settings.bridge_lambda,
         lambda_schedule=settings.lambda_schedule, lambda_start=settings.lambda_start, lambda_warmup_ratio=1.0,
-        # θ̂ on θ's rollouts without an importance ratio (the paper's estimator): the rule every committed toy number
-        # (tuned.json, the demo, the studies) was measured under; the library's default is 'truncate' (README).
+        # θ̂ on θ's rollouts without an importance ratio (the paper's estimator), and HF generation through the
+        # unmerged adapter: the rules every committed toy number (tuned.json, the demo, the studies) was measured
+        # under; the library's defaults are 'truncate' and merged generation (README).
         shadow_importance_sampling="none",
+        merge_adapter_for_generation=False,  # merged layers round otherwise, so they would sample other tokens
         cold_start_sft_ratio=settings.cold_start_sft_ratio, chord_mu_peak=settings.chord_mu_peak,
         chord_mu_valley=settings.chord_mu_valley, chord_mu_warmup_steps=0, chord_mu_decay_steps=settings.max_steps,
         chord_phi=settings.chord_phi, luffy_num_off_policy=settings.luffy_num_off_policy,
