@@ -1,6 +1,9 @@
 """Helpers for building a BridgeTrainer on the tiny model in tests."""
 
+import shutil
 import socket
+import sys
+from pathlib import Path
 
 import torch
 
@@ -68,3 +71,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_command(script: Path, *args, nproc: int = 2) -> list[str]:
+    """`torchrun` from this interpreter's environment: `nproc` CPU processes (gloo) running `script *args`."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return [
+        torchrun,
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import assert_dicts_close, free_port
+from .helpers import assert_dicts_close, free_port, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "run_bridge.py"
@@ -36,16 +36,7 @@ def launch(
     if launcher == "python":
         command = [sys.executable, str(SCRIPT), str(out)]
     elif launcher == "ddp":
-        torchrun = shutil.which("torchrun", path=bin_dir) or "torchrun"
-        command = [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(SCRIPT),
-            str(out),
-        ]
+        command = torchrun_command(SCRIPT, out)
     else:  # zero2, zero3 (the configs name no device: DS_ACCELERATOR picks it)
         if not cuda:
             env["DS_ACCELERATOR"] = "cpu"

@@ -11,9 +11,7 @@ import logging
 import math
 import os
 import pickle
-import shutil
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +23,7 @@ from trl.trainer.utils import get_callable_name, is_async_callable
 
 from bridge_trl import BridgeTrainer, NoisyReward
 
-from .helpers import free_port, make_config
+from .helpers import make_config, torchrun_command
 
 LOGGER = "bridge_trl.noisy_reward"
 
@@ -384,17 +382,8 @@ def test_two_processes_flip_what_one_process_flips(tmp_path):
     """DDP over gloo, 2 processes, 3 steps of BRIDGE: each process's slice, put back in process order, is flipped
     exactly as one NoisyReward flips the whole global batch at that step (the standalone draw)."""
     script = Path(__file__).resolve().parent / "scripts" / "run_noisy_reward.py"
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(script),
-        str(tmp_path),
-    ]
+    command = torchrun_command(script, tmp_path)
     result = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=600, cwd=script.parents[2]
     )
