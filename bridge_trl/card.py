@@ -70,6 +70,28 @@ LUFFY_PAPER = {
             eprint       = {arXiv:2504.14945},
         }"""),
 }
+HPT_PAPER = {
+    "title": "Towards a Unified View of Large Language Model Post-Training",
+    "id": "2509.04419",
+    "citation": textwrap.dedent("""\
+        @article{lv2025towards,
+            title        = {{Towards a Unified View of Large Language Model Post-Training}},
+            author       = {Xingtai Lv and Yuxin Zuo and Youbang Sun and Hongyi Liu and Yuntian Wei and Zhekai Chen and Lixuan He and Xuekai Zhu and Kaiyan Zhang and Bingning Wang and others},
+            year         = 2025,
+            eprint       = {arXiv:2509.04419},
+        }"""),
+}
+RELIFT_PAPER = {
+    "title": "Learning What Reinforcement Learning Can't: Interleaved Online Fine-Tuning for Hardest Questions",
+    "id": "2506.07527",
+    "citation": textwrap.dedent("""\
+        @article{ma2025learning,
+            title        = {{Learning What Reinforcement Learning Can't: Interleaved Online Fine-Tuning for Hardest Questions}},
+            author       = {Lu Ma and Hao Liang and Meiyi Qiang and Lexiang Tang and Xiaochen Ma and Zhen Hao Wong and Junbo Niu and Chengyu Shen and Runming He and Bin Cui and others},
+            year         = 2025,
+            eprint       = {arXiv:2506.07527},
+        }"""),
+}
 # method → (what the card says was run, its own paper or None, tags). Baselines name BRIDGE's paper as where they
 # are compared; CHORD and LUFFY name their own.
 METHOD_CARDS = {
@@ -82,6 +104,8 @@ METHOD_CARDS = {
     "cold_start": ("the cold-start baseline of BRIDGE (SFT, then GRPO)", None, ["cold_start", "grpo", "sft"]),
     "chord": ("CHORD", CHORD_PAPER, ["chord"]),
     "luffy": ("LUFFY", LUFFY_PAPER, ["luffy"]),
+    "hpt": ("HPT", HPT_PAPER, ["hpt"]),
+    "relift": ("ReLIFT", RELIFT_PAPER, ["relift"]),
 }  # fmt: skip
 TRL_CITATION = textwrap.dedent("""\
     @software{vonwerra2020trl,
@@ -149,14 +173,24 @@ def key_fields(args, adapter_config) -> list[tuple[str, str]]:
         )
         rows.append(("LoRA rank r / alpha / target modules",
                      f"{adapter_config.r} / {adapter_config.lora_alpha:g} / {targets}"))  # fmt: skip
-    if m in ("alternating", "cold_start"):
+    if m in ("alternating", "cold_start", "relift"):
         rows.append(("SFT learning rate (`sft_learning_rate`)", f"{args.sft_learning_rate:g}"))
+    if m == "relift":
+        rows.append(("SFT buffer size / failed if reward ≤",
+                     f"{args.relift_buffer_size} / {args.relift_fail_reward:g}"))  # fmt: skip
+    if m == "cold_start" and args.cold_start_switch == "val_loss":
+        rows.append(("switch: held-out SFT loss; patience / min delta / every",
+                     f"{args.cold_start_patience} / {args.cold_start_min_delta:g} / "
+                     f"{args.cold_start_eval_steps} steps"))  # fmt: skip
     if m == "chord":
         rows.append(("μ peak / valley", f"{args.chord_mu_peak:g} / {args.chord_mu_valley:g}"))
     if m == "luffy":
         rows.append(
             ("off-policy traces per group / γ", f"{args.luffy_num_off_policy} / {args.luffy_shaping_gamma:g}")
         )
+    if m == "hpt":
+        rows.append(("SFT if correct rollouts ≤ (reward ≥ threshold) / SFT coefficient",
+                     f"{args.hpt_switch_gate} (≥ {args.hpt_correct_threshold:g}) / {args.hpt_sft_coef:g}"))  # fmt: skip
     if m != "sft":
         rows.append(("rollouts per prompt (`num_generations`)", str(args.num_generations)))
         rows.append(("KL coefficient (`beta`)", f"{args.beta:g}"))

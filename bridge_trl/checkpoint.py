@@ -235,6 +235,10 @@ class BridgeCheckpointMixin:
                 )
             if self.sft_optimizer is not None:
                 extras["sft_optimizer"] = self.sft_optimizer.state_dict()
+            if self.args.method == "relift":  # the buffer of failed prompts (`bridge_trl.relift`)
+                extras["relift"] = self.relift_state_dict()
+            if getattr(self, "cold_start_val", None) is not None:  # the measured switch (`cold_start`)
+                extras["cold_start"] = self.cold_start_val.tracker.state_dict()
             save_trainer_extras(output_dir, extras, self.args.process_index if sharded else None)
         if self._reference_is_sft_model(self.state.global_step):  # collective under ZeRO-3
             reference = parameters_state_dict(self.ref_model)
@@ -253,15 +257,20 @@ class BridgeCheckpointMixin:
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             completed_steps = json.load(f)["global_step"]
+        extras = load_trainer_extras(checkpoint, rank)
+        # cold start's measured switch, restored before the reference check (which reads the switch)
+        measured = getattr(self, "cold_start_val", None)
+        if extras is not None and measured is not None:
+            self.cold_start_val.tracker.load_state_dict(extras["cold_start"])
         if self._reference_is_sft_model(completed_steps):
             path = os.path.join(checkpoint, REFERENCE_FILE)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{checkpoint} is past cold start's switch with beta > 0 but has no "
                                         f"{REFERENCE_FILE} (the SFT model, its KL reference).")  # fmt: skip
             write_parameters(self.ref_model, load_file(path).items())
-        extras = load_trainer_extras(checkpoint, rank)
         if extras is None:
-            if self.args.method in ("bridge", "alternating"):  # θ̂ / the SFT optimizer cannot be recovered
+            # θ̂ / the SFT optimizer / relift's buffer / the measured switch cannot be recovered
+            if self.args.method in ("bridge", "alternating", "relift") or measured is not None:
                 raise FileNotFoundError(
                     f"{checkpoint} has no {EXTRAS_FILE if rank is None else f'rank-{rank} BRIDGE state'} file "
                     f"(θ̂ and the extra optimizer states): resume with the same method, ZeRO stage and number of "
@@ -277,3 +286,5 @@ class BridgeCheckpointMixin:
             self.shadow_optimizer.load_state_dict(extras["shadow_optimizer"])
         if self.sft_optimizer is not None:
             self.sft_optimizer.load_state_dict(extras["sft_optimizer"])
+        if self.args.method == "relift":
+            self.load_relift_state_dict(extras["relift"])

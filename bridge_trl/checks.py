@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 # An explicit `peft_config=None` means "no adapter", which BRIDGE cannot run without.
 DEFAULT_ADAPTER = "default"
 # Methods that train on `sft_dataset`, and methods that sample rollouts and so need rewards (`bridge_trl.methods`).
-USES_SFT = ("bridge", "mix", "alternating", "sft", "cold_start", "chord", "luffy")
-USES_REWARD = ("bridge", "mix", "alternating", "rl", "cold_start", "chord", "luffy")
+USES_SFT = ("bridge", "mix", "alternating", "sft", "cold_start", "chord", "luffy", "hpt", "relift")
+USES_REWARD = ("bridge", "mix", "alternating", "rl", "cold_start", "chord", "luffy", "hpt", "relift")
 
 
 def default_peft_config() -> LoraConfig:
@@ -195,16 +195,18 @@ class RewardChecksMixin:
         return checked
 
 
-def check_luffy_coverage(matched: int, total: int, min_coverage: float, traces: int) -> None:
-    """LUFFY needs expert traces for its RL prompts; with none it is GRPO, with few mostly GRPO."""
+def check_luffy_coverage(
+    matched: int, total: int, min_coverage: float, traces: int, method: str = "luffy"
+) -> None:
+    """LUFFY (and HPT) need expert traces for their RL prompts; with none they are GRPO, with few mostly GRPO."""
     if total and (matched == 0 or matched / total < min_coverage):
         raise ValueError(
-            f"method='luffy': {matched} of {total} RL prompts have an expert trace in `sft_dataset` ({traces} "
-            f"distinct SFT prompts), below `luffy_min_trace_coverage`={min_coverage}"
-            f"{' (with none, luffy is plain GRPO)' if matched == 0 else ''}. A trace is paired with an RL prompt "
+            f"method='{method}': {matched} of {total} RL prompts have an expert trace in `sft_dataset` ({traces} "
+            f"distinct SFT prompts), below `{method}_min_trace_coverage`={min_coverage}"
+            f"{f' (with none, {method} is plain GRPO)' if matched == 0 else ''}. A trace is paired with an RL prompt "
             "when both prompts, rendered by GRPO's prompt tokenization (chat template included) and decoded, are "
             "equal after normalisation (case, spacing, `$`, \\dfrac/\\tfrac ignored): give `sft_dataset` the RL "
             "prompts' exact text and format (both strings or both message lists, same template)."
         )
     if total:
-        logger.info("luffy: %d of %d RL prompts have an expert trace", matched, total)
+        logger.info("%s: %d of %d RL prompts have an expert trace", method, matched, total)

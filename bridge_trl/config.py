@@ -10,7 +10,9 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
 from .checks import check_cold_start_switch
+from .cold_start import check_val_loss_switch
 from .methods import METHODS
+from .peer_config import PeerMethodsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +21,10 @@ LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
 SGD_SHADOW_MIN_LR = 1e-3
 SHADOW_ROLLOUTS = ("shared", "own")
 SHADOW_IS_MODES = ("truncate", "none")  # `bridge_trl.shadow_is`
-LUFFY_LOSS_TYPES = ("dapo", "dr_grpo")
 
 
 @dataclass
-class BridgeConfig(GRPOConfig):
+class BridgeConfig(PeerMethodsConfig, GRPOConfig):
     r"""
     Configuration class for [`BridgeTrainer`].
 
@@ -42,8 +43,10 @@ class BridgeConfig(GRPOConfig):
             "help": "Training method: 'bridge' (Algorithm 2), or one of the methods it is compared with on the same "
             "data and step budget: 'mix' (joint loss on θ, no shadow), 'alternating' (Algorithm 1), 'rl' (GRPO "
             "only), 'sft' (SFT only), 'cold_start' (SFT, then GRPO), 'chord' ((1-μ) GRPO + μ φ-weighted SFT, "
-            "arXiv 2508.11408) or 'luffy' (expert traces in the GRPO groups, arXiv 2504.14945). Only 'bridge' "
-            "attaches an adapter by default."
+            "arXiv 2508.11408), 'luffy' (expert traces in the GRPO groups, arXiv 2504.14945), 'hpt' (per prompt, "
+            "SFT on its trace where the rollouts fail, else GRPO, arXiv 2509.04419) or 'relift' (GRPO, plus SFT "
+            "updates on a buffer of the prompts it fails, arXiv 2506.07527). Only 'bridge' attaches an adapter by "
+            "default."
         },
     )
     cold_start_sft_ratio: float = field(
@@ -59,12 +62,50 @@ class BridgeConfig(GRPOConfig):
         default=None,
         metadata={"help": "cold_start: number of SFT steps before switching to GRPO; overrides the ratio."},
     )
+    # cold start switch (`bridge_trl.cold_start`): the SFT phase ends where its held-out loss stops improving
+    cold_start_switch: str = field(
+        default="ratio",
+        metadata={
+            "help": "cold_start: when the SFT phase ends. 'ratio': at the fixed step `cold_start_sft_steps` (or "
+            "`cold_start_sft_ratio` × max_steps). 'val_loss': when SFT's loss on a held-out slice of `sft_dataset` "
+            "stops improving (`cold_start_patience` evaluations without a drop > `cold_start_min_delta`), as arXiv "
+            "2512.11470 switches; the fixed step is then the cap on SFT steps, and the SFT phase's schedule is "
+            "planned over that cap (cut short at the switch)."
+        },
+    )
+    cold_start_val_size: float = field(
+        default=0.05,
+        metadata={
+            "help": "cold_start_switch='val_loss': held-out slice of `sft_dataset`, never trained on; a fraction "
+            "in (0, 1) or a number of examples (>= 1). Drawn with `seed`."
+        },
+    )
+    cold_start_eval_steps: int = field(
+        default=10,
+        metadata={
+            "help": "cold_start_switch='val_loss': evaluate the held-out loss every this many SFT steps."
+        },
+    )
+    cold_start_patience: int = field(
+        default=3,
+        metadata={
+            "help": "cold_start_switch='val_loss': switch to GRPO after this many evaluations in a row without an "
+            "improvement of the best held-out loss by more than `cold_start_min_delta`."
+        },
+    )
+    cold_start_min_delta: float = field(
+        default=0.0,
+        metadata={
+            "help": "cold_start_switch='val_loss': smallest drop of the held-out loss that counts as one."
+        },
+    )
     sft_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the SFT updates of `alternating` (α_SFT of Algorithm 1) and of `cold_start`'s "
-            "SFT phase; `learning_rate` is then the RL rate α_RL. Defaults to `learning_rate`. It follows the "
-            "same scheduler (cold start: the SFT phase's own schedule)."
+            "help": "Learning rate of the SFT updates of `alternating` (α_SFT of Algorithm 1), of `cold_start`'s "
+            "SFT phase and of `relift`'s buffer updates; `learning_rate` is then the RL rate α_RL. Defaults to "
+            "`learning_rate`. It follows the same scheduler (cold start: the SFT phase's own schedule), except "
+            "under `relift`, whose SFT rate is constant as in its reference."
         },
     )
     adapter_learning_rate: float | None = field(
@@ -167,57 +208,6 @@ class BridgeConfig(GRPOConfig):
             "copy of the adapted weights while generating; not applied under ZeRO-3."
         },
     )
-    # CHORD (arXiv 2508.11408; `bridge_trl.chord`) and LUFFY (arXiv 2504.14945; `bridge_trl.luffy`)
-    chord_mu_peak: float = field(
-        default=0.1,
-        metadata={
-            "help": "chord: μ at the end of the warm-up, the SFT weight in (1-μ) L_GRPO + μ L_SFT-φ. Must be in [0, 1]. "
-            "The default (0.1, constant) is the reference's CHORD-φ setting."
-        },
-    )
-    chord_mu_valley: float = field(
-        default=0.1,
-        metadata={"help": "chord: μ after the cosine decay, held to the end of training. Must be in [0, 1]."},
-    )
-    chord_mu_warmup_steps: int = field(
-        default=0,
-        metadata={"help": "chord: optimizer steps over which μ rises linearly from 0 to `chord_mu_peak`."},
-    )
-    chord_mu_decay_steps: int = field(
-        default=0,
-        metadata={
-            "help": "chord: optimizer steps, after the warm-up, over which μ decays from `chord_mu_peak` to "
-            "`chord_mu_valley` along a cosine. 0 jumps to the valley."
-        },
-    )
-    chord_phi: bool = field(
-        default=True,
-        metadata={
-            "help": "chord: weight each SFT token's NLL by φ = p(1-p), p its probability under the current policy "
-            "(detached). False gives CHORD-μ: the plain token-mean NLL."
-        },
-    )
-    luffy_num_off_policy: int = field(
-        default=1,
-        metadata={
-            "help": "luffy: rollouts of each group replaced by the prompt's expert trace (the last ones of the group), "
-            "for prompts that have a trace in `sft_dataset`. Must be in [1, num_generations - 1]."
-        },
-    )
-    luffy_shaping_gamma: float = field(
-        default=0.1,
-        metadata={
-            "help": "luffy: γ of the off-policy importance weight f(π) = π / (π + γ), unclipped. Must be > 0."
-        },
-    )
-    luffy_min_trace_coverage: float = field(
-        default=0.0,
-        metadata={
-            "help": "luffy: the fraction of RL prompts that must have an expert trace in `sft_dataset` (paired by "
-            "the rendered prompt); fewer is an error before training, naming the count. With 0, only a run where no "
-            "prompt has a trace is refused (it would be plain GRPO)."
-        },
-    )
 
     def __post_init__(self):
         # TRL turns an unset `bf16` on wherever torch runs; TrainingArguments then refuses it on a machine without a
@@ -238,6 +228,8 @@ class BridgeConfig(GRPOConfig):
             raise ValueError(f"`cold_start_sft_ratio` must be in [0, 1], got {self.cold_start_sft_ratio}.")
         if self.cold_start_sft_steps is not None and self.cold_start_sft_steps < 0:
             raise ValueError(f"`cold_start_sft_steps` must be >= 0, got {self.cold_start_sft_steps}.")
+        # cold start switch
+        check_val_loss_switch(self)
         if (
             self.method == "cold_start" and self.max_steps > 0
         ):  # with epochs, checked once the length is known
@@ -290,43 +282,7 @@ class BridgeConfig(GRPOConfig):
         if self.fp16:
             # The shadow's gradients bypass the fp16 GradScaler's unscale/skip logic; bf16 needs no scaler.
             raise ValueError("`fp16=True` is not supported by BridgeTrainer: use `bf16=True`.")
-        self._check_chord_luffy()
-
-    def _check_chord_luffy(self) -> None:
-        for name in ("chord_mu_peak", "chord_mu_valley"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
-        for name in ("chord_mu_warmup_steps", "chord_mu_decay_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        if self.luffy_shaping_gamma <= 0:
-            raise ValueError(f"`luffy_shaping_gamma` must be > 0, got {self.luffy_shaping_gamma}.")
-        if not 0.0 <= self.luffy_min_trace_coverage <= 1.0:
-            raise ValueError(
-                f"`luffy_min_trace_coverage` must be in [0, 1], got {self.luffy_min_trace_coverage}."
-            )
-        if self.method != "luffy":
-            return
-        if not 1 <= self.luffy_num_off_policy < (self.num_generations or 0):
-            raise ValueError(
-                f"`luffy_num_off_policy` must be in [1, num_generations - 1] = [1, {(self.num_generations or 0) - 1}] "
-                f"so that each group keeps an on-policy rollout, got {self.luffy_num_off_policy}."
-            )
-        # One normaliser over the whole mixed batch, as the reference: a token mean ('dapo') or, as its published
-        # training script (`loss_remove_token_mean=True`), a constant per-row length ('dr_grpo').
-        if self.loss_type not in LUFFY_LOSS_TYPES:
-            raise ValueError(
-                f"method='luffy' needs `loss_type` in {LUFFY_LOSS_TYPES} (one normaliser over on- and off-policy "
-                f"tokens), got {self.loss_type!r}."
-            )
-        if self.use_adaptive_entropy:
-            raise ValueError(
-                "method='luffy' supports a constant `entropy_coef` only, not `use_adaptive_entropy`."
-            )
-        if self.use_liger_kernel:
-            raise ValueError(
-                "method='luffy' does not support `use_liger_kernel`: its loss reads per-token log-probs."
-            )
+        self._check_peer_fields()  # chord, luffy, relift, hpt (`bridge_trl.peer_config`)
 
     def lambda_at(self, step: int, max_steps: int) -> float:
         """λ(k) for optimizer step `step` (0-based) of a run of `max_steps` steps.

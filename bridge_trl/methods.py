@@ -13,13 +13,15 @@ handed the same RL prompt batch and the same SFT batch positions, and each uses 
 | `cold_start`  | SFT for the first steps, then GRPO                                       |
 | `chord`       | (1-μ) L_GRPO + μ L_SFT-φ on θ, μ(k) scheduled (`bridge_trl.chord`)      |
 | `luffy`       | GRPO on groups where expert traces replace rollouts (`bridge_trl.luffy`) |
+| `hpt`         | per prompt: SFT on its trace if ≤ gate rollouts are right, else GRPO (`bridge_trl.hpt`) |
+| `relift`      | GRPO; failed prompts' traces buffered, an SFT update when it is full (`bridge_trl.relift`) |
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("bridge", "mix", "alternating", "rl", "sft", "cold_start", "chord", "luffy")
+METHODS = ("bridge", "mix", "alternating", "rl", "sft", "cold_start", "chord", "luffy", "hpt", "relift")
 
 
 @dataclass(frozen=True)
@@ -61,5 +63,11 @@ def step_plan(method: str, lam: float, step: int, switch: int) -> StepPlan:
     if method == "chord":  # CHORD's single update of θ on (1 − μ) L_GRPO + μ L_SFT-φ
         return StepPlan(sft=True, rl=True, sft_weight=lam, rl_weight=1.0 - lam)
     if method == "luffy":  # GRPO's step; the traces enter through the rollouts and the loss (`LuffyMixin`)
+        return StepPlan(sft=False, rl=True, rl_weight=1.0)
+    if (
+        method == "hpt"
+    ):  # one update; switched prompts' traces enter through the batch and the loss (`HptMixin`)
+        return StepPlan(sft=False, rl=True, rl_weight=1.0)
+    if method == "relift":  # GRPO's step; the buffer's SFT update runs after it when full (`ReliftMixin`)
         return StepPlan(sft=False, rl=True, rl_weight=1.0)
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")

@@ -116,7 +116,9 @@ class BridgeOptimizersMixin:
         """
         if self.args.method != "cold_start" or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        switch = min(self._cold_start_switch(num_training_steps), num_training_steps)
+        # `cold_start_switch='val_loss'`: the switch is measured during the run (`bridge_trl.cold_start`), so the SFT
+        # phase is planned over its cap (the fixed switch) and cut short; the RL phase is built once it is known.
+        cap = min(self._cold_start_switch(num_training_steps, cap=True), num_training_steps)
         dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
         def phase(length: int):
@@ -134,21 +136,32 @@ class BridgeOptimizersMixin:
                 )
             return scheduler.lr_lambdas[0]
 
-        sft, rl = phase(switch), phase(num_training_steps - switch)
+        sft, rl_phases = phase(cap), {}
         # The SFT phase trains at `sft_learning_rate` (a separate SFT run would have its own rate): the optimizer's
         # base lr is α_RL = `learning_rate`, so the SFT phase's multiplier carries α_SFT / α_RL.
         sft_scale = (
             self.args.sft_learning_rate / self.args.learning_rate if self.args.learning_rate > 0 else 0.0
         )
+
         # A closure, not a callable object: LambdaLR's state_dict then saves only the step count, and a resumed run
-        # rebuilds the same two phases from the config.
-        schedule = lambda step: sft_scale * sft(step) if step < switch else rl(step - switch)  # noqa: E731
+        # rebuilds the same two phases from the config (and the measured switch from the checkpoint).
+        def schedule(step: int) -> float:
+            switch = min(self._cold_start_switch(num_training_steps), num_training_steps)
+            if step < switch:
+                return sft_scale * sft(step)
+            if switch not in rl_phases:
+                rl_phases[switch] = phase(num_training_steps - switch)
+            return rl_phases[switch](step - switch)
+
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
         return self.lr_scheduler
 
-    def _cold_start_switch(self, max_steps: int | None = None) -> int:
+    def _cold_start_switch(self, max_steps: int | None = None, cap: bool = False) -> int:
+        """Cold start's first RL step: the fixed one, or (`val_loss`, once measured) the earlier measured one."""
         max_steps = max(1, self.state.max_steps if max_steps is None else max_steps)
-        return cold_start_switch(self.args.cold_start_sft_steps, self.args.cold_start_sft_ratio, max_steps)
+        fixed = cold_start_switch(self.args.cold_start_sft_steps, self.args.cold_start_sft_ratio, max_steps)
+        measured = None if cap else getattr(getattr(self, "cold_start_val", None), "switch_step", None)
+        return fixed if measured is None else min(measured, fixed)
 
     def _maybe_start_rl_phase(self, micro: int) -> None:
         """Cold start, first micro-batch of step s: the RL phase starts as a separate GRPO run on the SFT model would.
@@ -230,6 +243,8 @@ class BridgeOptimizersMixin:
         self._make_optimizer = make
         if self.shadow is not None:
             self._build_shadow_optimizer()
+        if args.method == "relift":  # its reference's SFT AdamW decays like the actor's (`bridge_trl.relift`)
+            self.sft_optimizer = make([(base + adapter, args.sft_learning_rate)])
         if args.method == "alternating":
             self.sft_optimizer = make([(base + adapter, args.sft_learning_rate)])
             # One step's worth of weight decay per step: the RL update (θ's optimizer) applies it; the SFT update
@@ -247,8 +262,11 @@ class BridgeOptimizersMixin:
 
     @property
     def _shadow_bypasses_engine(self) -> bool:
-        """ZeRO-1/2: the shadow's pass runs on the bare module, outside the engine's gradient hooks."""
-        return isinstance(self.shadow, Zero2ShadowWeights)
+        """ZeRO-1/2: the shadow's pass runs on the bare module, outside the engine's gradient hooks.
+
+        Decided by the backend, not by θ̂'s existence: θ̂ is built lazily in the first step, after that step's joint
+        backwards have already asked which backward is the engine's last (the gradient-accumulation boundary)."""
+        return self.args.method == "bridge" and self.is_deepspeed_enabled and not self._zero3
 
     def _build_shadow_optimizer(self) -> None:
         """θ̂'s optimizer: θ's class and hyper-parameters at lr α (`same`), or stateless SGD (`sgd`)."""

@@ -19,12 +19,16 @@ from .card import BRIDGE_PAPER, BridgeCardMixin
 from .checkpoint import BridgeCheckpointMixin
 from .checks import DEFAULT_ADAPTER, ColdStartSwitchCheck, RewardChecksMixin, check_inputs
 from .chord import mu_at
+from .cold_start import init_val_loss_switch
 from .config import BridgeConfig
+from .diagnostics import UpperLevelDiagnostics
 from .gain import GainMeter, GainMixin
+from .hpt import HPT_KEY, TRACE_ROW, HptMixin
 from .luffy import OFF_POLICY_KEY, LuffyMixin
 from .merged_generation import MergedGenerationMixin
 from .methods import StepPlan, step_plan
 from .optim import BridgeOptimizersMixin
+from .relift import ReliftMixin
 from .sft import build_sft_stream, sft_loss
 from .shadow import ShadowWeights, split_parameters
 from .shadow_is import shadow_batch, shadow_importance_sampling
@@ -41,8 +45,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, LuffyMixin,
-                    MergedGenerationMixin, RewardChecksMixin, GRPOTrainer):  # fmt: skip
+class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixin, GainMixin, HptMixin, LuffyMixin,
+                    ReliftMixin, MergedGenerationMixin, RewardChecksMixin, GRPOTrainer):  # fmt: skip
     """
     Trainer for BRIDGE: cooperative SFT and RL by bilevel optimisation (https://huggingface.co/papers/2509.06948).
 
@@ -133,6 +137,9 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
         # Under DeepSpeed, θ̂ is built from the engine's state once the engine exists (`_ensure_shadow`).
         self.sft_dataset, self.sft_stream = build_sft_stream(self, sft_dataset)  # None for 'rl'
         self._init_luffy()  # luffy: the traces of the RL prompts (`bridge_trl.luffy`)
+        self._init_hpt()  # hpt: the same lookup, for the prompts that switch to SFT (`bridge_trl.hpt`)
+        self._init_relift()  # relift: the traces and the buffer of failed prompts (`bridge_trl.relift`)
+        init_val_loss_switch(self)  # cold start, val_loss: the held-out slice (`bridge_trl.cold_start`)
         self.add_callback(ColdStartSwitchCheck())  # the run's length is known once `train()` starts
         # The fused LM head is bound to GRPO's sampling temperature: SFT's NLL uses it at T = 1 only. CHORD scores
         # its SFT tokens (and φ) at the rollout temperature, as Trinity-RFT does, so it always uses it.
@@ -142,6 +149,9 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
             6, dtype=torch.float64
         )  # sft, rl, shadow losses; rl tokens; luffy traces
         self.gain, self._shadow_buffer = GainMeter(), None  # cooperative gain; θ̂'s rollouts ('own')
+        self.diagnostics = UpperLevelDiagnostics(
+            self.model, args.method, self.is_deepspeed_enabled
+        )  # issue 27
         self.consumed = dict.fromkeys(("sft_samples", "sft_tokens", "rl_samples", "rl_tokens"), 0)
         logger.info("%s: θ %d tensors, w %d tensors, %d SFT examples", args.method, len(base), len(adapter),
                     len(self.sft_dataset or ()))  # fmt: skip
@@ -174,9 +184,11 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
         # part of g_w. The two terms are backpropagated one at a time so that only one graph is alive at once.
         if plan.sft:
             batch = self._sft_micro_batch(micro)
+            self.diagnostics.before_sft()  # w's SFT term S, apart from the gain term (`bridge_trl.diagnostics`)
             sft = self._weighted_backward(
                 lambda: sft_loss(model, batch, self._fused_sft, phi=self._chord_phi), plan.sft_weight, "sft"
             )
+            self.diagnostics.after_sft()
         # Shared rollouts: the gain meter and θ̂'s ratio read the per-token log-probs both RL passes compute anyway.
         measure = plan.shadow and self.args.shadow_rollouts == "shared"
         if plan.rl:
@@ -207,8 +219,8 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
         traces = torch.zeros(
             2, device=sft.device
         )  # luffy: trace rows and tokens, SFT data rather than rollouts
-        if plan.rl and OFF_POLICY_KEY in inputs:
-            off = inputs[OFF_POLICY_KEY]  # (B,)
+        if plan.rl and (OFF_POLICY_KEY in inputs or HPT_KEY in inputs):  # luffy's / hpt's trace rows
+            off = inputs[OFF_POLICY_KEY] if OFF_POLICY_KEY in inputs else inputs[HPT_KEY] == TRACE_ROW  # (B,)
             traces = torch.stack([off.sum(), (inputs["completion_mask"].sum(1) * off).sum()]).float()
         # Stops on a non-finite loss, before anything moves.
         self._record(plan, lam, sft, rl, shadow, rl_tokens, traces)
@@ -226,6 +238,9 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
 
     def _after_optimizer_step(self, optimizer, *_, lr_factor: float | None = None) -> None:
         """Runs right after θ's (and w's) update: θ̂'s update (bridge), or the SFT update (alternating)."""
+        self.diagnostics.post_step(
+            self, self._metrics["train"]
+        )  # θ's and w's updates, before anything else moves
         lr_factor = self._lr_factor() if lr_factor is None else lr_factor
         if self.shadow is not None:  # θ̂ ← opt_θ̂(g_θ̂), line 12, at θ's current learning rate α
             norm = self._extra_step(self.shadow_optimizer, self.shadow.clip_grad_norm_, lr_factor)
@@ -252,6 +267,7 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
             self._metrics["train"]["bridge/sft_loss"].append(total)
             self.model.zero_grad(set_to_none=True)
             self._count_sft_step()
+        self._relift_after_step()  # relift: an SFT update on the buffer once it is full (`bridge_trl.relift`)
 
     # ------------------------------------------------------------------
 
@@ -371,6 +387,7 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
             metrics["bridge/lambda"].append(lam)
         if self.args.method == "chord":  # bridge/sft_loss is then L_SFT-φ (unless chord_phi=False)
             metrics["bridge/mu"].append(self.current_mu())
+        self.diagnostics.pre_step(self, lam, metrics)  # pre-clip gradients, θ̂'s drift, the adapter's share
         self._step_sums.zero_()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -4,7 +4,7 @@
     python examples/bridge_tiny.py --max_steps 100 --bridge_lambda 0.3
 
 Every `BridgeConfig` field is a flag. The script writes a tiny random-weight model to `<output_dir>/base`, trains
-it with BRIDGE through the ordinary `from_pretrained` path, saves θ and w, and plots the `bridge/` metrics.
+it with BRIDGE through the ordinary `from_pretrained` path, saves θ and w, and plots the `bridge/` metrics, the upper level's diagnostics among them.
 """
 
 import logging
@@ -31,13 +31,28 @@ class TinyArgs:
     num_problems: int = field(default=256, metadata={"help": "RL prompts and SFT traces to generate (each)."})
 
 
+# Top row: the training curves; bottom row: the upper level's diagnostics (`bridge_trl.diagnostics`, README "Is the
+# upper level working in my run?"). Curves sharing a panel are drawn together; log-scale panels are marked.
+PANELS = [
+    (["reward"], False), (["bridge/sft_loss"], False), (["bridge/rl_loss"], False),
+    (["bridge/cooperative_gain"], False),
+    (["bridge/gain_grad_ratio"], False), (["bridge/gain_grad_cos"], False),
+    (["bridge/shadow_drift", "bridge/adapter_share"], False), (["bridge/adapter_update", "bridge/theta_update"], True),
+]  # fmt: skip
+
+
 def plot_metrics(log_history: list[dict], path: str) -> None:
-    keys = ["reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/cooperative_gain"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(axes, keys, strict=True):
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        ax.plot(*zip(*points, strict=True), marker=".")
-        ax.set_title(key)
+    fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(4 * len(PANELS) // 2, 6))
+    for ax, (keys, log_scale) in zip(axes.flat, PANELS, strict=True):
+        for key in keys:
+            points = [(h["step"], h[key]) for h in log_history if key in h]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=key.removeprefix("bridge/"))
+        ax.set_title(" & ".join(k.removeprefix("bridge/") for k in keys) + (" (log)" if log_scale else ""))
+        if log_scale:
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -68,6 +83,11 @@ def main(tiny_args: TinyArgs, training_args: BridgeConfig) -> None:
         "bridge/rl_loss",
         "bridge/shadow_rl_loss",
         "bridge/cooperative_gain",
+        "bridge/gain_grad_ratio",
+        "bridge/shadow_drift",
+        "bridge/adapter_share",
+        "bridge/adapter_update",
+        "bridge/theta_update",
     ):
         logger.info(
             "%-26s step %3d: %8.4f   step %3d: %8.4f", key, first["step"], first[key], last["step"], last[key]

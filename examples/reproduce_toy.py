@@ -44,6 +44,7 @@ from bridge_trl.toy.studies.common import (
     TUNING_SEEDS,
     check_disjoint,
 )
+from bridge_trl.toy.studies.peers import EIGHT
 from bridge_trl.toy.sweep import TUNED_PATH, load_tuned, run_sweep, tuned_lrs
 from bridge_trl.toy.task import toy_splits
 
@@ -63,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="Tune every method's lr on the validation split.")
     p.add_argument("--study", default=None, choices=[*STUDIES, "all"],
                    help="Run one of issue 18's studies (or all four, `make study`) into OUTPUT_DIR/<name>/: parts "
-                        "(C1), noise (C2), lambda (C3), plateau (C4); bridge_trl/toy/STUDY.md reports them.")  # fmt: skip
+                        "(C1), noise (C2), lambda (C3), plateau (C4), peers (issue 28: hpt, relift, cold start with a "
+                        "val-loss switch beside the eight), attribution (issue 27: BRIDGE vs mix + LoRA at separately tuned β); "
+                        "bridge_trl/toy/STUDY.md reports them.")  # fmt: skip
     p.add_argument("--replicate", action="store_true",
                    help="With --study: run the study's final comparison (regime and tuned rates fixed, no re-tuning) "
                         "on the test seeds and again on the fresh --replicate_seeds, into OUTPUT_DIR/<name>/"
@@ -73,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true",
                    help="Studies: load a run's record from OUTPUT_DIR/<name>/runs/records when the same cell, "
                         "settings and data already ran (e.g. the test seeds of --replicate after the study).")  # fmt: skip
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    # The demo's eight (tuned.json); hpt and relift run in the `peers` study, which tunes them the same way.
+    p.add_argument("--methods", nargs="+", default=list(EIGHT), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="Default 1-5 (quick: 1; sweep: 1 2; studies: test seeds from 101, never a tuning seed).")  # fmt: skip
     p.add_argument("--split", default=None, choices=["val", "test"], help="Default test (sweep: val).")
@@ -295,12 +299,16 @@ def sweep(args, base_path, splits, settings, start) -> dict:
 def study_seeds(name: str, args) -> list[int]:
     """A study's test seeds: --seeds, else fresh ones (from 101, disjoint from every tuning and calibration seed):
     a quick mode pairs two (its CIs need them); noise and lambda 3, so that each fits 40 min on 2 cores; parts
-    starts its pilot at the first; plateau 10."""
+    starts its pilot at the first; plateau 10; peers `peers.DEFAULT_SEEDS` (its replication set as many)."""
     if args.seeds:
         return list(args.seeds)
     if args.quick:
         return list(TEST_SEEDS[:2])
-    return list(TEST_SEEDS if name == "plateau" else TEST_SEEDS[:3])
+    if name == "peers":
+        return list(TEST_SEEDS[: STUDIES[name].DEFAULT_SEEDS])
+    return list(
+        TEST_SEEDS if name in ("plateau", "attribution") else TEST_SEEDS[:3]
+    )  # attribution: pilot + n
 
 
 def studies(args, base_path, splits, settings, start) -> dict:

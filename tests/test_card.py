@@ -14,7 +14,14 @@ from bridge_trl.card import METHOD_CARDS
 from .conftest import toy_reward
 from .helpers import make_config
 
-PAPERS = {"bridge": "2509.06948", "chord": "2508.11408", "luffy": "2504.14945", "rl": "2402.03300"}
+PAPERS = {
+    "bridge": "2509.06948",
+    "chord": "2508.11408",
+    "luffy": "2504.14945",
+    "rl": "2402.03300",
+    "hpt": "2509.04419",
+    "relift": "2506.07527",
+}
 
 
 def build(tmp_path, model, tokenizer, rl, sft, **overrides):

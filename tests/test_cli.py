@@ -93,16 +93,21 @@ def test_shipped_recipes_parse():
         r for r in recipes if r.parent.name == "SmolLM2-135M-Instruct"
     ]  # tests/test_real.py and tests/test_real_logic.py run them
     paper = [r for r in recipes if r not in cpu_recipes]
-    # The paper's three models × eight methods, for maths; × four for logic.
-    assert sum(not r.stem.startswith("logic_") for r in paper) == 24
+    # The paper's three models × eleven methods (its eight, HPT, ReLIFT and cold start with the val-loss switch), for
+    # maths; × four for logic.
+    maths = sorted({r.stem for r in paper if not r.stem.startswith("logic_")})
+    assert maths == sorted(["bridge", "mix", "alternating", "rl", "sft", "cold_start", "chord", "luffy", "hpt",
+                            "relift", "cold_start_val_loss"])  # fmt: skip
+    assert sum(not r.stem.startswith("logic_") for r in paper) == 3 * len(maths)
     logic = sorted(r.stem for r in paper if r.stem.startswith("logic_"))
     assert logic == sorted(f"logic_{m}" for m in ("bridge", "rl", "cold_start", "mix") for _ in range(3))
     assert sorted(r.stem for r in cpu_recipes) == ["bridge", "logic_bridge", "rl"]
     for recipe in recipes:
         parser = make_parser(ScriptArguments)
         script, training, model = parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
-        method = recipe.stem.removeprefix("logic_")
+        method = recipe.stem.removeprefix("logic_").removesuffix("_val_loss")
         assert training.method == method
+        assert (training.cold_start_switch == "val_loss") == recipe.stem.endswith("_val_loss")
         assert model.use_peft == (method == "bridge")
         assert script.task == ("logic" if recipe.stem.startswith("logic_") else "maths")
         if recipe not in cpu_recipes:

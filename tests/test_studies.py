@@ -336,3 +336,105 @@ def test_plateau_replicate_quick_mode(tmp_path):
         assert ("No verdict" in data[part]["verdict_text"]) == (not data[part]["premises_hold"])
     assert data[part]["lrs"]["cold_start"] == {"learning_rate": 3e-5, "sft_learning_rate": 9e-5}
     assert "across the two seed sets" in (out / "plateau" / "replication.md").read_text()
+
+
+def test_attribution_quick_mode_and_its_gated_readings(tmp_path):
+    """Issue 27: `--study attribution --quick` (1 step, 8 sums) tunes β for bridge and mix_lora in both regimes on
+    validation seeds only, runs the three arms on test seeds 101-102 and the long budget, and writes a reading per
+    (regime, budget) that follows the design's rule; a β optimum on an edge gives no reading."""
+    from bridge_trl.toy.studies.attribution import reading
+
+    out = tmp_path / "study"
+    _load_script().main(["--study", "attribution", "--quick", "--max_steps", "1", "--eval_every", "1",
+                         "--eval_limit", "8", "--output_dir", str(out)])  # fmt: skip
+    data = json.loads((out / "attribution" / "results.json").read_text())
+    assert {r["arm"] for r in data["runs"]} == {"bridge@demo", "mix_lora@demo", "mix@demo", "bridge@plateau",
+                                                "mix_lora@plateau", "mix@plateau", "bridge@demox4", "mix_lora@demox4"}  # fmt: skip
+    assert {r["seed"] for r in data["runs"]} == {101, 102} and {r["seed"] for r in data["trials"]} == {1}
+    assert all(r["eval_split"] == "val" for r in data["trials"])
+    assert all(r["eval_split"] == "test" for r in data["runs"])
+    lora = [r for r in data["runs"] if r["arm"].startswith("mix_lora")]
+    assert all(r["method"] == "mix" and r["settings"]["adapter"] for r in lora)
+    assert {r["steps"] for r in data["runs"] if r["arm"].endswith("x4")} == {4}
+    assert data["prefix_check"] == 0.0  # a long run read at the demo's budget is the demo-budget run
+    assert set(data["readings"]) == {"demo x1", "demo x2", "demo x4", "plateau x1"}
+    for key, v in data["readings"].items():
+        assert v["reading"] == reading(v["difference"], data["tuned"][key.split()[0]])
+    assert "## Verdict" in (out / "attribution" / "results.md").read_text()
+    # the rule itself, against hand-made differences: a premise that failed gives no reading whatever the CI
+    d = {"mean": 0.05, "ci": 0.01, "low": 0.04, "high": 0.06, "n": 4}
+    assert reading(d, True).startswith("the gain term changes the result (up)")
+    assert reading(d, False).startswith("no reading")
+    assert reading({**d, "mean": 0.0, "low": -0.02, "high": 0.02}, True).startswith("no effect beyond ±3")
+    assert reading({**d, "mean": 0.0, "low": -0.05, "high": 0.05}, True).startswith("not shown")
+
+
+def test_peers_quick_mode_tunes_on_validation_before_any_test_run(tmp_path, monkeypatch):
+    """`--study peers --quick` (1 step, 8 evaluation sums): the new arms are tuned on the validation split with the
+    tuning seed before any run reads the test split; the final comparison runs the quick arms on the test and the
+    replication seeds; a verdict is given exactly where the premises held on both seed sets and the sets agree."""
+    from bridge_trl.toy.studies import common, peers
+
+    calls = []
+    real = common.run_cells
+
+    def spy(cells, base_path, splits, split, *args, **kwargs):  # every pool the study starts, in order
+        calls.append((split, [(c.arm or c.method, c.method, c.seed) for c in cells]))
+        return real(cells, base_path, splits, split, *args, **kwargs)
+
+    monkeypatch.setattr(common, "run_cells", spy)
+    out = tmp_path / "study"
+    _load_script().main(["--study", "peers", "--quick", "--max_steps", "1", "--eval_every", "1", "--eval_limit", "8",
+                         "--output_dir", str(out)])  # fmt: skip
+    data = json.loads((out / "peers" / "results.json").read_text())
+    new = {"hpt": "hpt", "relift": "relift", "cold_start_val_loss": "cold_start"}
+    assert (
+        data["best_baseline"] == "alternating"
+    )  # tuned.json: 62.0% on validation at 3e-5, the eight's largest
+    assert [split for split, _ in calls] == ["val", "test"]  # tuning first, and no test-split run during it
+    assert {(a, m) for a, m, _ in calls[0][1]} == set(new.items()) and {s for *_, s in calls[0][1]} == {1}
+    quick_arms = ("bridge", "alternating", *new)
+    assert sorted((a, s) for a, _, s in calls[1][1]) == sorted(
+        (a, s) for a in quick_arms for s in (101, 102, 201, 202))  # fmt: skip
+    assert all(r["eval_split"] == "val" for r in data["trials"]) and len(data["trials"]) == 3
+    assert all(r["eval_split"] == "test" for r in data["runs"] + data["replication_runs"])
+    assert all(
+        r["settings"]["cold_start_switch"] == "val_loss"
+        for r in data["runs"]
+        if r["arm"] == "cold_start_val_loss"
+    )
+    assert all(r["method"] == new.get(r["arm"], r["arm"]) for r in data["runs"])
+    lrs = data["learning_rates"]
+    assert lrs["relift"]["sft_learning_rate"] == pytest.approx(10 * lrs["relift"]["learning_rate"])
+    assert list(lrs["hpt"]) == ["learning_rate"] and lrs["bridge"] == {
+        "learning_rate": 1e-4,
+        "adapter_learning_rate": 1e-4,
+    }
+    assert peers.final_arms("alternating")[0] == ["bridge", "mix", "alternating", "rl", "sft", "cold_start", "chord",
+                                                  "luffy", *new]  # fmt: skip
+    # the gate on this run's own comparisons ...
+    for v, d1, d2 in zip(data["final_verdicts"], data["diffs"]["test seeds"], data["diffs"]["replication seeds"],
+                         strict=True):  # fmt: skip
+        given = d1["premises_hold"] and d2["premises_hold"] and d1["verdict"] == d2["verdict"]
+        assert (v["verdict"] is not None) == given and v["verdict"] in (None, d1["verdict"])
+    assert "## Verdict" in (out / "peers" / "results.md").read_text()
+
+    # ... and on constructed ones, each branch
+    def diff(word, held):
+        return {
+            "a": "hpt",
+            "b": "bridge",
+            "verdict": word,
+            "premises": [{"passed": held, "text": "gate fired"}],
+        }
+
+    assert peers.final_verdict(diff("beats", True), diff("beats", True))["verdict"] == "beats"
+    differs = peers.final_verdict(diff("beats", True), diff("ties with", True))
+    assert differs["verdict"] is None and differs["reason"].startswith("not robust")
+    failed = peers.final_verdict(diff("beats", True), diff("beats", False))
+    assert failed["verdict"] is None and failed["reason"] == "premise failed: gate fired"
+    runs = [{"arm": "relift", "sft_samples": 64.0}, {"arm": "relift", "sft_samples": 0.0}]
+    assert (
+        not peers.mechanism_check(runs, "relift")["passed"]
+        and peers.mechanism_check(runs[:1], "relift")["passed"]
+    )

@@ -169,6 +169,19 @@ class ToyRunSettings:
     luffy_loss_type: str = "dr_grpo"
     luffy_scale_rewards: str = "none"
     luffy_entropy_coef: float = 0.001
+    # relift: an SFT update once one step's worth of prompts (4) has failed, the reference script's ratio (buffer
+    # 128 = its 128 prompts per step); its script's loss settings are LUFFY's three above, applied to it too.
+    relift_buffer_size: int = 4
+    # hpt: the reference's `switch` settings (switch_gate 0: SFT on the trace only for a prompt none of whose G
+    # rollouts is correct, i.e. earns the 1.0 of `boxed_exact_match`; sft_loss_coef 1.0); its script's loss
+    # settings are LUFFY's three above (TsinghuaC3I/Unify-Post-Training exp_scripts/train.sh sets the same).
+    hpt_switch_gate: int = 0
+    hpt_sft_coef: float = 1.0
+    # cold start's switch: 'ratio' (cold_start_sft_ratio), or 'val_loss' with that ratio as the cap
+    cold_start_switch: str = "ratio"
+    cold_start_val_size: float = 0.1
+    cold_start_eval_steps: int = 2
+    cold_start_patience: int = 2
     # The studies' knobs (`bridge_trl.toy.studies`); the defaults are the demo's.
     # λ(k): 'constant' (bridge_lambda), or 'linear'/'cosine' from lambda_start to bridge_lambda at the last step
     lambda_schedule: str = "constant"
@@ -205,9 +218,13 @@ def method_args(method: str, lrs: dict, seed: int, settings: ToyRunSettings, out
         chord_phi=settings.chord_phi, luffy_num_off_policy=settings.luffy_num_off_policy,
         luffy_shaping_gamma=settings.luffy_shaping_gamma, logging_steps=1, save_strategy="no", report_to="none",
         # TRL's defaults for every method but luffy, which runs as its reference does (`ToyRunSettings`)
-        loss_type=settings.luffy_loss_type if method == "luffy" else "dapo",
-        scale_rewards=settings.luffy_scale_rewards if method == "luffy" else "group",
-        entropy_coef=settings.luffy_entropy_coef if method == "luffy" else 0.0,
+        loss_type=settings.luffy_loss_type if method in ("luffy", "relift", "hpt") else "dapo",
+        scale_rewards=settings.luffy_scale_rewards if method in ("luffy", "relift", "hpt") else "group",
+        entropy_coef=settings.luffy_entropy_coef if method in ("luffy", "relift", "hpt") else 0.0,
+        hpt_switch_gate=settings.hpt_switch_gate, hpt_sft_coef=settings.hpt_sft_coef,
+        relift_buffer_size=settings.relift_buffer_size, cold_start_switch=settings.cold_start_switch,
+        cold_start_val_size=settings.cold_start_val_size, cold_start_eval_steps=settings.cold_start_eval_steps,
+        cold_start_patience=settings.cold_start_patience,
         bf16=False, use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
 
@@ -266,6 +283,10 @@ def _series(history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(h["step"], float(h[key])) for h in history if key in h and "step" in h]
 
 
+UPPER_LEVEL_DIAGNOSTICS = ("bridge/gain_grad_ratio", "bridge/gain_grad_cos", "bridge/shadow_drift",
+                           "bridge/adapter_share", "bridge/adapter_update", "bridge/theta_update")  # fmt: skip
+
+
 def _record(method, seed, lrs, trainer, callback, settings, eval_split) -> dict:
     """Join the accuracy points with the logged consumption counters (cumulative, one log per step)."""
     history = trainer.state.log_history
@@ -290,6 +311,9 @@ def _record(method, seed, lrs, trainer, callback, settings, eval_split) -> dict:
         "cooperative_gain_mean": sum(g for _, g in gains) / len(gains) if gains else None,
         "cooperative_gain_curve": gains,
         "luffy_trace_group_fraction": sum(f for _, f in luffy) / len(luffy) if luffy else None,
+        # Issue 27: the upper level's per-step diagnostics, where the trainer logs them (read-only: they do not
+        # change training); {key: [(step, value)]}, only the keys present.
+        "diagnostics": {k: v for k in UPPER_LEVEL_DIAGNOSTICS if (v := _series(history, k))},
     }  # fmt: skip
 
 

@@ -16,10 +16,11 @@ import os
 import time
 from dataclasses import replace
 
-from . import lam, noise, parts, plateau
+from . import attribution, lam, noise, parts, peers, plateau
 from .common import StudyContext, robustness_table, write_results
 
-STUDIES = {"parts": parts, "noise": noise, "lambda": lam, "plateau": plateau}
+STUDIES = {"parts": parts, "noise": noise, "lambda": lam, "plateau": plateau, "peers": peers,
+           "attribution": attribution}  # fmt: skip
 
 
 def run_study(name: str, ctx: StudyContext, base_accuracy: dict) -> dict:
@@ -36,8 +37,8 @@ def replicate_study(name: str, ctx: StudyContext, base_accuracy: dict, replicati
     fixed: parts, noise and lambda tune nothing themselves (their rates are `tuned.json`'s), so they are run whole
     on each seed set (with `ctx.reuse`, the test seeds' finished runs are loaded); plateau runs its final
     comparison only (`plateau.replicate`)."""
-    if name == "plateau":
-        return plateau.replicate(ctx, base_accuracy, replication_seeds)
+    if name in ("plateau", "peers", "attribution"):  # each runs both seed sets itself (`<study>.replicate`)
+        return STUDIES[name].replicate(ctx, base_accuracy, replication_seeds)
     started = time.perf_counter()
     first = run_study(name, ctx, base_accuracy)
     second_ctx = replace(ctx, output_dir=os.path.join(ctx.output_dir, "replicate"), seeds=list(replication_seeds),
