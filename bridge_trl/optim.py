@@ -6,7 +6,8 @@ ZeRO-1/2/3) rather than on the algorithm:
 - `_backward` sends each backward of a step where it belongs: DDP (all-reducing θ's gradient once per micro-step),
   DeepSpeed's engine (told which backward ends the accumulation), or θ̂'s own pass under ZeRO-1/2;
 - `create_optimizer` builds θ (lr α) and w (lr β) as groups of one optimizer, θ̂'s optimizer and alternating's SFT
-  optimizer; `_extra_step` steps the last two like the main one (clipped, on its schedule);
+  optimizer; `_extra_step` steps the last two like the main one (clipped, on its schedule), `_sft_update` makes
+  one step of that SFT optimizer (alternating's, ReLIFT's);
 - `_ensure_shadow` builds θ̂ from the engine's state once DeepSpeed has prepared the model;
 - `_deepspeed_step` takes the engine's step once per optimizer step, then θ̂'s;
 - `create_scheduler` and `_maybe_start_rl_phase` make cold start a two-stage pipeline (a schedule per phase, fresh
@@ -16,6 +17,7 @@ ZeRO-1/2/3) rather than on the algorithm:
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 
 import torch
@@ -23,6 +25,7 @@ from accelerate.utils import is_peft_model
 from transformers import get_scheduler
 
 from .methods import cold_start_switch
+from .sft import sft_loss
 from .shadow import split_parameters
 from .vllm_sync import iter_policy_weights
 from .zero import Zero2ShadowWeights, ZeroShadowWeights, write_parameters
@@ -219,6 +222,26 @@ class BridgeOptimizersMixin:
         norm = clip_grad_norm(self.args.max_grad_norm or float("inf"))
         optimizer.step()
         return norm.item()
+
+    def _sft_update(self, batches, lr_factor: float, where: str) -> tuple[float, float]:
+        """One step of the separate SFT optimizer on `batches` (`SFTBatch`es, each normalised by the whole update's
+        tokens): alternating's SFT after its RL update, ReLIFT's on its buffer. Returns (loss, pre-clip grad norm)."""
+        self.model.zero_grad(set_to_none=True)  # the RL gradient has been applied
+        total = 0.0
+        for batch in batches:
+            compute = lambda b=batch: sft_loss(self.model_wrapped, b, self._fused_sft)  # noqa: E731
+            loss = self._weighted_backward(compute, 1.0)
+            total += self.accelerator.reduce(loss.float(), reduction="mean").item()
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"Non-finite {where} SFT loss at step {self.state.global_step}; stopping. The last saved "
+                f"checkpoint in {self.args.output_dir} is intact."
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
+        norm = self._extra_step(self.sft_optimizer, clip, lr_factor)
+        self.model.zero_grad(set_to_none=True)
+        return total, norm
 
     def create_optimizer(self, model=None):
         """θ (lr α) and w (lr β) as groups of one optimizer; θ̂ (lr α) and alternating's SFT (lr α_SFT) get their own."""

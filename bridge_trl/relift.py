@@ -37,14 +37,13 @@ averaged gradient is that of one process on the whole buffer. Checkpoints carry 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 
 from .luffy import LuffyTraces
-from .sft import collate, sft_loss
+from .sft import collate
 
 logger = logging.getLogger(__name__)
 
@@ -159,24 +158,13 @@ class ReliftMixin:
         tokens = sum(len(c) for _, c in examples)
         normalizer = max(tokens, 1) / world  # rank gradients are averaged: Σ_all NLL / N, however it is split
         mine, per = examples[rank::world], self.args.per_device_sft_batch_size
-        self.model.zero_grad(set_to_none=True)  # the RL gradient has been applied
-        total = 0.0
-        for start in range(0, len(mine), per):
-            rows = [{"prompt_ids": p, "completion_ids": c} for p, c in mine[start : start + per]]
-            batch = collate(rows, self._tokenizer.pad_token_id, normalizer, device)
-            compute = lambda b=batch: sft_loss(self.model_wrapped, b, self._fused_sft)  # noqa: E731
-            loss = self._weighted_backward(compute, 1.0)
-            total += self.accelerator.reduce(loss.float(), reduction="mean").item()
-        if not math.isfinite(total):
-            raise FloatingPointError(
-                f"Non-finite ReLIFT SFT loss at step {self.state.global_step}; stopping. The last saved checkpoint "
-                f"in {self.args.output_dir} is intact."
-            )
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
-        # A constant rate: the reference's SFT optimizer has no scheduler.
-        norm = self._extra_step(self.sft_optimizer, clip, 1.0)
-        self.model.zero_grad(set_to_none=True)
+        rows = [
+            [{"prompt_ids": p, "completion_ids": c} for p, c in mine[i : i + per]]
+            for i in range(0, len(mine), per)
+        ]
+        batches = (collate(r, self._tokenizer.pad_token_id, normalizer, device) for r in rows)
+        # A constant rate (lr factor 1): the reference's SFT optimizer has no scheduler.
+        total, norm = self._sft_update(batches, 1.0, "ReLIFT's (on its buffer)")
         self.relift_sft_updates += 1
         self.consumed["sft_samples"] += len(examples)
         self.consumed["sft_tokens"] += tokens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from collections import defaultdict
@@ -247,25 +246,10 @@ class BridgeTrainer(BridgeCardMixin, BridgeCheckpointMixin, BridgeOptimizersMixi
             self._metrics["train"]["bridge/shadow_grad_norm"].append(norm)
             self.shadow.zero_grad()
         if self.step_plan().sft_after:  # Algorithm 1, lines 9-11: SFT at θ', the point the RL update reached
-            self.model.zero_grad(set_to_none=True)  # the RL gradient has been applied
-            total = 0.0
-            for micro in range(self._micro_steps()):
-                batch = self._sft_micro_batch(micro)
-                compute = lambda b=batch: sft_loss(self.model_wrapped, b, self._fused_sft)  # noqa: E731
-                loss = self._weighted_backward(compute, 1.0)
-                total += self.accelerator.reduce(loss.float(), reduction="mean").item()
-            if not math.isfinite(total):
-                raise FloatingPointError(
-                    f"Non-finite SFT loss at step {self.state.global_step}, after its RL update; stopping. The "
-                    f"last saved checkpoint in {self.args.output_dir} is intact."
-                )
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            clip = lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
-            self._metrics["train"]["bridge/sft_grad_norm"].append(
-                self._extra_step(self.sft_optimizer, clip, lr_factor)
-            )
+            batches = (self._sft_micro_batch(micro) for micro in range(self._micro_steps()))
+            total, norm = self._sft_update(batches, lr_factor, "alternating's (after its RL update)")
+            self._metrics["train"]["bridge/sft_grad_norm"].append(norm)
             self._metrics["train"]["bridge/sft_loss"].append(total)
-            self.model.zero_grad(set_to_none=True)
             self._count_sft_step()
         self._relift_after_step()  # relift: an SFT update on the buffer once it is full (`bridge_trl.relift`)
 

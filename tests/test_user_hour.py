@@ -124,8 +124,11 @@ def test_help_shows_bridge_fields_first():
     ).stdout
     lines = help_text.splitlines()
     first = {flag: next(i for i, line in enumerate(lines) if line.strip().startswith(flag))
-             for flag in ("--reward_funcs", "--bridge_lambda", "--method", "--lora_r", "--per_device_train_batch_size")}  # fmt: skip
+             for flag in ("--reward_funcs", "--bridge_lambda", "--method", "--lora_r", "--per_device_train_batch_size",
+                          "--chord_mu_peak")}  # fmt: skip
     assert first["--reward_funcs"] < first["--method"] < first["--bridge_lambda"] < 200
+    # the peers' fields (`PeerMethodsConfig`) in their own group, after BRIDGE's and before the inherited ones
+    assert first["--bridge_lambda"] < first["--chord_mu_peak"] < first["--per_device_train_batch_size"]
     assert first["--bridge_lambda"] < first["--lora_r"] < first["--per_device_train_batch_size"]
 
 

@@ -15,6 +15,7 @@ from typing import get_type_hints
 from trl import GRPOConfig, ModelConfig, TrlParser
 
 from ..config import BridgeConfig
+from ..peer_config import PeerMethodsConfig
 
 USAGE = "bridge-trl train [-h] [--config RECIPE.yaml] [--FIELD VALUE ...]"
 DESCRIPTION = (
@@ -58,20 +59,22 @@ class BridgeParser(TrlParser):
     def _add_dataclass_arguments(self, dtype):
         if dtype is not BridgeConfig:
             return super()._add_dataclass_arguments(dtype)
-        own = {f.name for f in dataclasses.fields(BridgeConfig)} - {
-            f.name for f in dataclasses.fields(GRPOConfig)
-        }
+        inherited = {f.name for f in dataclasses.fields(GRPOConfig)}
+        peers = {f.name for f in dataclasses.fields(PeerMethodsConfig)}
         bridge = self.add_argument_group(
             "BRIDGE (BridgeConfig's own fields; `method` picks BRIDGE or a baseline)"
         )
+        peer = self.add_argument_group("peer methods (chord, luffy, relift, hpt: used only by that `method`)")
         self._inherited_group = self.add_argument_group(
             "training (GRPOConfig and TrainingArguments, inherited by BridgeConfig)"
         )
         hints = get_type_hints(dtype)
-        for f in dataclasses.fields(dtype):
-            if f.init:
-                f.type = hints[f.name]
-                self._parse_dataclass_field(bridge if f.name in own else self._inherited_group, f)
+        fields = [f for f in dataclasses.fields(dtype) if f.init]
+        # BRIDGE's own fields first, then the peers' (a mixin whose fields precede them in the dataclass)
+        for f in sorted(fields, key=lambda f: f.name in peers):
+            f.type = hints[f.name]
+            group = self._inherited_group if f.name in inherited else peer if f.name in peers else bridge
+            self._parse_dataclass_field(group, f)
 
 
 def make_parser(script_arguments) -> BridgeParser:
