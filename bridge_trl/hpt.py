@@ -46,11 +46,10 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 
 from .checks import check_luffy_coverage
 from .logps import observe_logps
-from .luffy import LuffyTraces
+from .luffy import LuffyTraces, load_traces
 
 logger = logging.getLogger(__name__)
 
@@ -112,25 +111,12 @@ class HptMixin:
         """Called once `self.sft_dataset` is tokenized."""
         if self.args.method != "hpt":
             return
-        for name in ("tools", "rollout_func", "environment_factories"):
-            if getattr(self, name, None):
-                raise ValueError(
-                    f"method='hpt' does not support `{name}`: traces replace single-turn rollouts."
-                )
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        self.hpt = LuffyTraces(self.sft_dataset, decode, self.args.max_completion_length)
+        self.hpt, matched, total = load_traces(self, "hpt")
         self._hpt_rewards = None
-        logger.info("hpt: %d distinct prompts carry expert traces", len(self.hpt.traces))
-        # Without a trace, no prompt can switch: count the RL prompts that pair, rendered as GRPO will.
-        if isinstance(self.train_dataset, Dataset) and "prompt" in self.train_dataset.column_names:
-            prompts = self.train_dataset["prompt"]
-            matched = sum(
-                bool(self.hpt.lookup(ids))
-                for start in range(0, len(prompts), 256)
-                for ids in self._tokenize_prompts(prompts[start : start + 256])[0]
+        if matched is not None:  # without a trace, no prompt can switch
+            check_luffy_coverage(
+                matched, total, self.args.hpt_min_trace_coverage, len(self.hpt.traces), method="hpt"
             )
-            check_luffy_coverage(matched, len(prompts), self.args.hpt_min_trace_coverage, len(self.hpt.traces),
-                                 method="hpt")  # fmt: skip
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

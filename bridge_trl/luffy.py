@@ -110,6 +110,28 @@ def off_policy_token_loss(
     return -advantages * (pi / (pi + gamma))
 
 
+def load_traces(trainer, method: str, unsupported=("tools", "rollout_func", "environment_factories")):
+    """The expert traces of `trainer.sft_dataset` by rendered prompt (luffy, hpt, relift), and how many of the RL
+    prompts pair with one, rendered as GRPO will render them: (traces, matched, total), the counts None when the
+    train dataset cannot be listed (an iterable one). Called once `sft_dataset` is tokenized."""
+    for name in unsupported:
+        if getattr(trainer, name, None):
+            raise ValueError(f"method='{method}' does not support `{name}`: its traces are single-turn.")
+    decode = lambda ids: trainer._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    traces = LuffyTraces(trainer.sft_dataset, decode, trainer.args.max_completion_length)
+    logger.info("%s: %d distinct prompts carry expert traces", method, len(traces.traces))
+    data = trainer.train_dataset
+    if not (isinstance(data, Dataset) and "prompt" in data.column_names):
+        return traces, None, None
+    prompts = data["prompt"]
+    matched = sum(
+        bool(traces.lookup(ids))
+        for start in range(0, len(prompts), 256)
+        for ids in trainer._tokenize_prompts(prompts[start : start + 256])[0]
+    )
+    return traces, matched, len(prompts)
+
+
 class LuffyMixin:
     """GRPOTrainer hooks for `method="luffy"`: traces into the rollouts before scoring, and the mixed loss."""
 
@@ -119,25 +141,10 @@ class LuffyMixin:
         """Called once `self.sft_dataset` is tokenized."""
         if self.args.method != "luffy":
             return
-        for name in ("tools", "rollout_func", "environment_factories"):
-            if getattr(self, name, None):
-                raise ValueError(
-                    f"method='luffy' does not support `{name}`: traces replace single-turn rollouts."
-                )
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        self.luffy = LuffyTraces(self.sft_dataset, decode, self.args.max_completion_length)
+        self.luffy, matched, total = load_traces(self, "luffy")
         self._luffy_off = self._luffy_rows = self._luffy_rewards = None
-        logger.info("luffy: %d distinct prompts carry expert traces", len(self.luffy.traces))
-        # Without a trace for its prompts, luffy is GRPO: count the RL prompts that pair, rendered as GRPO will.
-        if isinstance(self.train_dataset, Dataset) and "prompt" in self.train_dataset.column_names:
-            prompts = self.train_dataset["prompt"]
-            matched = sum(
-                bool(self.luffy.lookup(ids))
-                for start in range(0, len(prompts), 256)
-                for ids in self._tokenize_prompts(prompts[start : start + 256])[0]
-            )
-            coverage = self.args.luffy_min_trace_coverage
-            check_luffy_coverage(matched, len(prompts), coverage, len(self.luffy.traces))
+        if matched is not None:  # without a trace for its prompts, luffy is GRPO
+            check_luffy_coverage(matched, total, self.args.luffy_min_trace_coverage, len(self.luffy.traces))
 
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False

@@ -40,9 +40,8 @@ import logging
 
 import torch
 from accelerate.utils import gather_object
-from datasets import Dataset
 
-from .luffy import LuffyTraces
+from .luffy import LuffyTraces, load_traces
 from .sft import collate
 
 logger = logging.getLogger(__name__)
@@ -81,29 +80,24 @@ class ReliftMixin:
                 "method='relift' steps a second optimizer on θ (its SFT updates); it is not supported under "
                 "DeepSpeed. Use DDP."
             )
-        for name in ("tools", "environment_factories"):
-            if getattr(self, name, None):
-                raise ValueError(f"method='relift' does not support `{name}`: its traces are single-turn.")
         world = self.accelerator.num_processes
         if self.args.relift_buffer_size % world:
             raise ValueError(
                 f"`relift_buffer_size`={self.args.relift_buffer_size} must be a multiple of the number of processes "
                 f"({world}): each rank trains on an equal share of every SFT update."
             )
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        self.relift = LuffyTraces(self.sft_dataset, decode, self.args.max_completion_length)
-        # A prompt without a trace never enters the buffer: with none, relift would be plain GRPO.
-        if isinstance(self.train_dataset, Dataset) and "prompt" in self.train_dataset.column_names:
-            prompts = self.train_dataset["prompt"]
-            matched = sum(bool(self.relift.lookup(ids)) for start in range(0, len(prompts), 256)
-                          for ids in self._tokenize_prompts(prompts[start : start + 256])[0])  # fmt: skip
-            if matched == 0:
-                raise ValueError(
-                    f"method='relift': none of the {len(prompts)} RL prompts has an expert trace in `sft_dataset` "
-                    "(paired by the rendered prompt, as for luffy), so no failed prompt could be trained on and "
-                    "the run would be plain GRPO. Give `sft_dataset` the RL prompts' exact text and format."
-                )
-            logger.info("relift: %d of %d RL prompts have an expert trace", matched, len(prompts))
+        # `rollout_func` is allowed: the buffer needs only the rewards and the rendered prompts
+        self.relift, matched, total = load_traces(
+            self, "relift", unsupported=("tools", "environment_factories")
+        )
+        if matched == 0:  # a prompt without a trace never enters the buffer: with none, relift is plain GRPO
+            raise ValueError(
+                f"method='relift': none of the {total} RL prompts has an expert trace in `sft_dataset` "
+                "(paired by the rendered prompt, as for luffy), so no failed prompt could be trained on and "
+                "the run would be plain GRPO. Give `sft_dataset` the RL prompts' exact text and format."
+            )
+        if matched is not None:
+            logger.info("relift: %d of %d RL prompts have an expert trace", matched, total)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

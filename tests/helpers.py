@@ -85,3 +85,28 @@ def torchrun_command(script: Path, *args, nproc: int = 2) -> list[str]:
         str(script),
         *map(str, args),
     ]
+
+
+# The head of a torchrun test script (hpt, relift): rollouts as a function of (prompt, global row, step), so that
+# 1 process, 2 processes and gradient accumulation sample the same completions; argv[1] output dir, argv[2] GA.
+ROLLOUTS_SCRIPT_HEAD = '''
+import json, os, sys, zlib
+import torch
+from datasets import Dataset
+from trl import GRPOTrainer
+from bridge_trl import BridgeConfig, BridgeTrainer
+from bridge_trl.tiny import build_tiny_model, build_tokenizer
+
+def single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    """Rollouts as a function of (prompt, global row, step): the same on any process count and accumulation."""
+    offset = self.accelerator.process_index * len(prompt_ids)
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        key = f"{self.processing_class.decode(ids)}|{(offset + i) % 4}|{self.state.global_step}"
+        out.append(torch.randint(32, 127, (6,), generator=torch.Generator().manual_seed(zlib.crc32(key.encode()))).tolist())
+    return out, None
+
+GRPOTrainer._generate_single_turn = single_turn
+world, ga = int(os.environ.get("WORLD_SIZE", "1")), int(sys.argv[2])
+tok = build_tokenizer()
+'''

@@ -8,7 +8,7 @@ from bridge_trl import BridgeTrainer
 from bridge_trl.hpt import DROPPED_ROW, GRPO_ROW, HPT_KEY, TRACE_ROW, row_roles, switch_groups
 
 from .conftest import toy_reward
-from .helpers import assert_dicts_close, make_config
+from .helpers import ROLLOUTS_SCRIPT_HEAD, assert_dicts_close, make_config
 
 SGD = dict(optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", beta=0.0)
 # The reference's script (`grpo_use_std=False`, `loss_remove_token_mean=True`, `entropy_coeff`; a large
@@ -224,26 +224,9 @@ def test_resume_is_exact(tmp_path, make_model, tokenizer, rl_dataset):
 
 # ---------------------------------------------------------------- gradient accumulation, two processes
 
-SCRIPT = '''
-import json, os, sys, zlib
-import torch
-from datasets import Dataset
-from trl import GRPOTrainer
-from bridge_trl import BridgeConfig, BridgeTrainer
-from bridge_trl.tiny import build_tiny_model, build_tokenizer
-
-def single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-    """Rollouts as a function of (prompt, global row, step): the same on any process count and accumulation."""
-    offset = self.accelerator.process_index * len(prompt_ids)
-    out = []
-    for i, ids in enumerate(prompt_ids):
-        key = f"{self.processing_class.decode(ids)}|{(offset + i) % 4}|{self.state.global_step}"
-        out.append(torch.randint(32, 127, (6,), generator=torch.Generator().manual_seed(zlib.crc32(key.encode()))).tolist())
-    return out, None
-
-GRPOTrainer._generate_single_turn = single_turn
-world, ga = int(os.environ.get("WORLD_SIZE", "1")), int(sys.argv[2])
-tok = build_tokenizer()
+SCRIPT = (
+    ROLLOUTS_SCRIPT_HEAD
+    + """
 rl = Dataset.from_dict({"prompt": [f"{i}+{i + 1}=" for i in range(12)], "answer": [str(2 * i + 1) for i in range(12)]})
 sft = Dataset.from_dict({"prompt": rl["prompt"][::2], "completion": [f"{a}." for a in rl["answer"][::2]]})
 reward = lambda completions, **k: [float(sum(map(ord, c)) % 7) / 6.0 for c in completions]
@@ -258,7 +241,8 @@ trainer.train()
 if trainer.accelerator.is_main_process:
     torch.save(trainer.get_base_state_dict(), os.path.join(sys.argv[1], "theta.pt"))
     json.dump(trainer.state.log_history, open(os.path.join(sys.argv[1], "log.json"), "w"))
-'''
+"""
+)
 
 
 def launch_hpt(out, nproc, accumulation, overrides):

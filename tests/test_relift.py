@@ -15,7 +15,7 @@ from bridge_trl.checkpoint import load_trainer_extras
 from bridge_trl.relift import failed_groups, push_and_pop
 
 from .conftest import toy_reward
-from .helpers import assert_dicts_close, make_config
+from .helpers import ROLLOUTS_SCRIPT_HEAD, assert_dicts_close, make_config
 
 TRACED = [f"{i}+{i + 1}=" for i in range(6)]  # the `sft_dataset` fixture's prompts (one trace each)
 UNTRACED, SOLVED = "50+51=", TRACED[5]
@@ -150,26 +150,9 @@ def test_relift_input_errors(tmp_path, make_model, tokenizer, sft_dataset):
         relift(tmp_path, make_model, tokenizer, sft_dataset, rl=no_traces)
 
 
-SCRIPT = '''
-import json, os, sys, zlib
-import torch
-from datasets import Dataset
-from trl import GRPOTrainer
-from bridge_trl import BridgeConfig, BridgeTrainer
-from bridge_trl.tiny import build_tiny_model, build_tokenizer
-
-def single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-    """Rollouts as a function of (prompt, global row, step): the same on any process count and accumulation."""
-    offset = self.accelerator.process_index * len(prompt_ids)
-    out = []
-    for i, ids in enumerate(prompt_ids):
-        key = f"{self.processing_class.decode(ids)}|{(offset + i) % 4}|{self.state.global_step}"
-        out.append(torch.randint(32, 127, (6,), generator=torch.Generator().manual_seed(zlib.crc32(key.encode()))).tolist())
-    return out, None
-
-GRPOTrainer._generate_single_turn = single_turn
-world, ga = int(os.environ.get("WORLD_SIZE", "1")), int(sys.argv[2])
-tok = build_tokenizer()
+SCRIPT = (
+    ROLLOUTS_SCRIPT_HEAD
+    + """
 rl = Dataset.from_dict({"prompt": [f"{i}+{i + 1}=" for i in range(12)]})
 sft = Dataset.from_dict({"prompt": rl["prompt"], "completion": [f"{2 * i + 1}." for i in range(12)]})
 # Prompts i = 0 mod 3 fail every rollout (they enter the buffer); the others get rewards that vary by rollout.
@@ -187,7 +170,8 @@ trainer.train()
 if trainer.accelerator.is_main_process:
     torch.save(trainer.get_base_state_dict(), os.path.join(sys.argv[1], "theta.pt"))
     json.dump(trainer.state.log_history, open(os.path.join(sys.argv[1], "log.json"), "w"))
-'''
+"""
+)
 
 
 def launch_relift(out, nproc, accumulation):
