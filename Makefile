@@ -88,6 +88,7 @@ study:  # issue 18's four studies (parts C1, noise C2, lambda C3, plateau C4) an
 study-replicate:  # issue 24: plateau's final comparison on test seeds 101-110 and again on 201-210 (~40 min)
 	$(PYTHON) examples/reproduce_toy.py --study plateau --replicate --reuse
 	$(PYTHON) examples/reproduce_toy.py --study attribution --replicate --reuse  # issue 27: its test and long runs on 201-
+	$(PYTHON) examples/reproduce_toy.py --study attribution --followup  # issue 27: its power follow-up, seeds 301- and 401-
 
 study-peers:  # issue 28: hpt, relift, cold start (val-loss switch) tuned as the eight were, all eleven on test seeds 101-108, the new three + bridge + alternating on 201-208 (~35 min)
 	$(PYTHON) examples/reproduce_toy.py --study peers --reuse

@@ -1,6 +1,9 @@
 """Cold start with a measured switch (`cold_start_switch: val_loss`): SFT until its held-out loss saturates, then GRPO.
 
-arXiv 2512.11470 finds sequential SFT → RL strongest when the switch comes where SFT's validation loss saturates.
+arXiv 2512.11470 ("Rethinking Expert Trajectory Utilization in LLM Post-training", code LINs-lab/RETU) finds
+sequential SFT → RL strongest when the switch comes in SFT's "Stable or Mild Overfitting sub-phase", i.e. once the
+validation loss has stopped falling. Its exact sub-phase thresholds were not read (only its abstract was at hand);
+the rule below detects the stable sub-phase by patience on the held-out loss.
 Here a held-out slice of `sft_dataset` (`cold_start_val_size`, drawn with `seed`) is removed from the SFT stream, so
 it is never trained on; every `cold_start_eval_steps` SFT steps its loss is measured (the project's L_SFT: one
 token-mean NLL over the whole slice, on every rank's share, summed over ranks, so all ranks decide alike). The SFT

@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="With --study: run the study's final comparison (regime and tuned rates fixed, no re-tuning) "
                         "on the test seeds and again on the fresh --replicate_seeds, into OUTPUT_DIR/<name>/"
                         "replication.md; a verdict that differs between the two seed sets is marked not robust.")  # fmt: skip
+    p.add_argument("--followup", action="store_true",
+                   help="With --study attribution, after --replicate: its power follow-up (STUDY.md), BRIDGE vs "
+                        "mix + LoRA at the demo's budget, rates fixed, n from the study's pooled SD, on two fresh seed "
+                        "sets (--seeds and --replicate_seeds; default 301-330 and 401-430), into followup.{md,json}.")  # fmt: skip
     p.add_argument("--replicate_seeds", nargs="+", type=int, default=None,
                    help="The second seed set of --replicate (default: as many of 201-210 as there are test seeds).")  # fmt: skip
     p.add_argument("--reuse", action="store_true",
@@ -115,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Torch threads per worker (1: each run is bit-identical on one machine; 2 changes the "
                         "reduction order of every parallel kernel, a perturbation test of the conclusions).")  # fmt: skip
     args = p.parse_args(argv)
+    if args.followup and args.study != "attribution":
+        p.error("--followup is the attribution study's power follow-up: give it with --study attribution")
     if args.check:
         args.methods = ["rl", "sft"]
     if not args.study:  # a study's default seeds depend on the study (`study_seeds`)
@@ -336,6 +342,17 @@ def studies(args, base_path, splits, settings, start) -> dict:
         ctx = StudyContext(name=name, output_dir=os.path.join(args.output_dir, name), base_path=base_path,
                            splits=splits, settings=settings, tuned=tuned, seeds=seeds[name], quick=args.quick,
                            reuse=args.reuse, workers=args.workers, threads=args.threads)  # fmt: skip
+        if args.followup:
+            from bridge_trl.toy.studies import attribution_power
+
+            sets = (args.seeds or attribution_power.FOLLOWUP_SEEDS[0],
+                    args.replicate_seeds or attribution_power.FOLLOWUP_SEEDS[1])  # fmt: skip
+            for extra in sets:
+                check_disjoint(extra, used)
+            results[name] = attribution_power.run(ctx, sets)
+            print(f"Study {name}: wrote {ctx.output_dir}/followup.md and followup.json in "
+                  f"{results[name]['wall_seconds']:.0f} s")  # fmt: skip
+            continue
         if args.replicate:
             results[name] = replicate_study(name, ctx, base_accuracy, again[name])
             print(f"Study {name}: wrote {ctx.output_dir}/replication.md and replication.json in "
