@@ -438,3 +438,57 @@ def test_peers_quick_mode_tunes_on_validation_before_any_test_run(tmp_path, monk
         not peers.mechanism_check(runs, "relift")["passed"]
         and peers.mechanism_check(runs[:1], "relift")["passed"]
     )
+
+
+def test_attribution_followup_sizes_n_from_the_pooled_sd():
+    """The follow-up's n: the study's rule at the pooled paired SD of BRIDGE − mix_lora over the study's two seed
+    sets (each set's sample variance, averaged), checked against a hand computation with tabulated t quantiles."""
+    from bridge_trl.toy.studies.attribution_power import pooled_sd
+    from bridge_trl.toy.studies.common import seeds_for_halfwidth
+
+    def runs(diffs):  # mix_lora at 0.40, bridge at 0.40 + d, seeds 1..n
+        return [{"arm": a, "seed": s, "final_accuracy": 0.40 + (d if a == "bridge@demo" else 0.0)}
+                for s, d in enumerate(diffs, 1) for a in ("bridge@demo", "mix_lora@demo")]  # fmt: skip
+
+    first, second = [0.216, -0.044, 0.08, 0.14], [0.028, 0.096, 0.064, 0.084]
+    study = {"test": {"runs": runs(first)}, "replication": {"runs": runs(second)}}
+
+    def var(x):
+        m = sum(x) / len(x)
+        return sum((v - m) ** 2 for v in x) / (len(x) - 1)
+
+    expected = math.sqrt((var(first) + var(second)) / 2)
+    assert pooled_sd(study, "demo") == pytest.approx(expected, abs=1e-9)
+    assert expected == pytest.approx(0.0804, abs=5e-4)
+    # t(0.975; 29) = 2.0452, t(0.975; 30) = 2.0423: 30 seeds give 3.004 points at SD 8.04, 31 give 2.95
+    assert 2.0452 * expected / math.sqrt(30) > 0.03 >= 2.0423 * expected / math.sqrt(31)
+    assert (
+        seeds_for_halfwidth(expected, 0.03, 2, 40) == 31 and seeds_for_halfwidth(expected, 0.03, 2, 30) == 30
+    )
+
+
+@pytest.mark.slow
+def test_attribution_replicate_and_followup_quick_mode(tmp_path):
+    """The study, its replication and its follow-up in quick mode (1 step): the follow-up reads the study's rates,
+    runs bridge and mix_lora only on its two fresh sets, and marks a reading robust exactly when A and B agree."""
+    out, quick = tmp_path / "study", ["--quick", "--max_steps", "1", "--eval_every", "1", "--eval_limit", "8"]
+    main = _load_script().main
+    main(["--study", "attribution", *quick, "--output_dir", str(out)])
+    main(["--study", "attribution", "--replicate", "--reuse", *quick, "--output_dir", str(out)])
+    main(["--study", "attribution", "--followup", *quick, "--output_dir", str(out)])
+    data = json.loads((out / "attribution" / "followup.json").read_text())
+    study = json.loads((out / "attribution" / "results.json").read_text())
+    assert data["betas"] == study["betas"] and data["n"] == 2
+    assert {r["seed"] for r in data["runs"]} == {301, 302} and {
+        r["seed"] for r in data["replication_runs"]
+    } == {401, 402}
+    assert {r["arm"] for r in data["runs"]} == {
+        "bridge@demo",
+        "mix_lora@demo",
+        "bridge@plateau",
+        "mix_lora@plateau",
+    }
+    for name, same in data["robust"].items():
+        words = {data["readings"][label][name]["reading"] for label in ("follow-up A", "follow-up B")}
+        assert same == (len(words) == 1)
+    assert "## Verdict" in (out / "attribution" / "followup.md").read_text()
