@@ -274,6 +274,10 @@ def run_one(variant: str, hidden: int, length: int, steps: int, queue=None, mode
         return optimizer
 
     trainer.create_optimizer = create_optimizer
+    # The upper-level diagnostics (issue 27) run inside other phases (the optimizer's hooks, the SFT pass): timed
+    # on their own as well, and reported beside the phases, not as one.
+    for hook in ("before_sft", "after_sft", "pre_step", "post_step"):
+        setattr(trainer.diagnostics, hook, timed(inner, "diagnostics", getattr(trainer.diagnostics, hook)))
     phases = VLLM_PHASES if vllm else PHASES
     if vllm:  # the sync runs inside generation: timed on its own, then taken out of `generation`
         vg = trainer.vllm_generation
@@ -294,7 +298,7 @@ def run_one(variant: str, hidden: int, length: int, steps: int, queue=None, mode
                 # A step is charged the decoding it did or replayed (`decode`), not the time it spent decoding
                 # (`decode_spent`: the real decoding, the short warm-up one included; nothing when replayed).
                 step_times.append(elapsed - inner["decode_spent"] + inner["decode"])
-                for key in (*phases, "decode_spent"):
+                for key in (*phases, "decode_spent", "diagnostics"):
                     times[key] += inner[key]
 
     trainer.add_callback(StepTimer())
@@ -314,7 +318,8 @@ def run_one(variant: str, hidden: int, length: int, steps: int, queue=None, mode
     params = sum(p.numel() for p in model.parameters())
     result = {"method": method, "variant": variant, "vllm": vllm, "hidden": hidden, "arch": arch, "length": length,
               "params": params, "sft_tokens_per_step": trainer.consumed["sft_tokens"] / (steps + 1),
-              "step_s": sum(step_times) / n, "phases_s": per_step, "peak_mb": peak, "decode_reused": decode_reused}  # fmt: skip
+              "step_s": sum(step_times) / n, "phases_s": per_step, "peak_mb": peak, "decode_reused": decode_reused,
+              "diagnostics_s": times["diagnostics"] / n}  # fmt: skip
     if queue is not None:
         queue.put(result)
     return result
@@ -354,6 +359,7 @@ def compare(rl: dict, bridge: dict) -> dict:
     return {"variant": bridge["variant"], "time_ratio": bridge["step_s"] / rl["step_s"],
             "memory_ratio": bridge["peak_mb"] / rl["peak_mb"], "extra_compute_s": extra, "adapter_s": adapter,
             "bookkeeping_s": bookkeeping, "bookkeeping_over_extra_compute": bookkeeping / extra,
+            "diagnostics_s": bridge["diagnostics_s"], "diagnostics_over_extra_compute": bridge["diagnostics_s"] / extra,
             "limit_s": limit, "limit_ratio": limit / rl["step_s"], "over_limit": bridge["step_s"] / limit - 1}  # fmt: skip
 
 
@@ -369,14 +375,15 @@ def print_tables(rows, phases, vllm_column: bool) -> None:
             print(f"| {r['params'] / 1e6:.2f}M | {r['length']} | {by}{x['variant']} | {x['step_s']:.3f} | {cells} | "
                   f"{x['peak_mb']:.0f} |")  # fmt: skip
     print(f"\n| params | length | {gen}variant | time bridge/rl | peak memory bridge/rl | limit/rl | over limit | "
-          "extra compute s | adapter s | bookkeeping / extra compute |")  # fmt: skip
-    print("|---|---|" + "---|" * (8 + vllm_column))
+          "extra compute s | adapter s | bookkeeping / extra compute | diagnostics / extra compute |")  # fmt: skip
+    print("|---|---|" + "---|" * (9 + vllm_column))
     for r in rows:
         by = f"{'vLLM' if r['vllm'] else 'HF'} | " if vllm_column else ""
         for c in r["comparisons"]:
             print(f"| {r['params'] / 1e6:.2f}M | {r['length']} | {by}{c['variant']} | {c['time_ratio']:.2f} | "
                   f"{c['memory_ratio']:.2f} | {c['limit_ratio']:.2f} | {c['over_limit']:+.1%} | {c['extra_compute_s']:.3f} | "
-                  f"{c['adapter_s']:.3f} | {c['bookkeeping_over_extra_compute']:.1%} |")  # fmt: skip
+                  f"{c['adapter_s']:.3f} | {c['bookkeeping_over_extra_compute']:.1%} | "
+                  f"{c['diagnostics_over_extra_compute']:.1%} |")  # fmt: skip
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Qwen2 model, a byte-level tokenizer and small RL/SFT datasets. No downloads."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,6 +12,19 @@ import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from bridge_trl.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+
+# The offline benchmark and training data (`../shared/data`, never committed; `BRIDGE_SHARED_DATA` moves it).
+SHARED_DATA = Path(
+    os.environ.get("BRIDGE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
+ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def needs_shared_data(*parts: str):
+    """Skip a test whose data (`SHARED_DATA / parts`) is absent, except under CI=true, where the test runs and fails
+    at the missing path: a CI job must not pass by skipping what it is there to check."""
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists() and not ON_CI, reason=f"shared data absent ({path})")
 
 
 @pytest.fixture(scope="session")

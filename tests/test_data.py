@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,11 @@ from bridge_trl.maths.prompts import (
 )
 from bridge_trl.maths.rewards import MathVerifier
 
+from .conftest import SHARED_DATA, needs_shared_data
+
 FIXTURES = Path(__file__).parent / "fixtures"
 RL_FIXTURE = FIXTURES / "rl_tiny.jsonl"
 DEEPMATH_FIXTURE = FIXTURES / "deepmath_tiny.jsonl"
-SHARED_DATA = Path(
-    os.environ.get("BRIDGE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +128,7 @@ def test_missing_column_errors_name_the_column(tmp_path):
         load_source(str(tmp_path / "nope.jsonl"))
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "train").exists(), reason="shared data absent")
+@needs_shared_data("train")
 def test_local_copies_of_limr_and_math():
     limr = load_limr(str(SHARED_DATA / "train" / "limr.jsonl"))
     assert len(limr) == 1389

@@ -1,9 +1,7 @@
 """The evaluation CLI: benchmark loading, table rendering, and end-to-end runs of a tiny model on the CPU."""
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,8 @@ import bridge_trl.maths.evaluate as ev
 from bridge_trl.maths.eval_report import load_results, render_table
 from bridge_trl.tiny import build_tiny_model
 
-SHARED_DATA = Path(
-    os.environ.get("BRIDGE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+from .conftest import SHARED_DATA, needs_shared_data
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Two tiny benchmarks in the local layout, with the field shapes of the real copies.
@@ -84,7 +81,7 @@ def test_load_benchmark_errors_name_row_and_fields(tmp_path):
         ev.load_benchmark("gsm8k", tmp_path)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "benchmarks").exists(), reason="shared data absent")
+@needs_shared_data("benchmarks")
 def test_local_benchmark_copies():
     sizes = {"math500": 500, "minerva_math": 272, "olympiadbench": 675, "aime24": 30, "amc23": 40}
     for name, size in sizes.items():

